@@ -1,0 +1,168 @@
+"""The one module that owns the CPU / GPU choice (merlin-core's ``dispatch.py`` is the model).
+
+It detects CUDA and RAPIDS once, exposes the dataframe library (pandas or cudf) and the array
+library (numpy or cupy), and logs which one is in use. Ops never import cudf themselves: they call
+the helpers here, which accept either library's objects.
+
+Example:
+    >>> backend = get_backend("cpu")
+    >>> backend.name
+    'cpu'
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+log = logging.getLogger("ctrflow.etl")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The libraries one ETL run uses.
+
+    Attributes:
+        name: ``"cpu"`` (pandas + numpy) or ``"gpu"`` (cudf + cupy).
+        df: the dataframe module (pandas or cudf).
+        xp: the array module (numpy or cupy).
+    """
+
+    name: str
+    df: ModuleType
+    xp: ModuleType
+
+    @property
+    def dask_backend(self) -> str:
+        """Value for Dask's ``dataframe.backend`` option."""
+        return "cudf" if self.name == "gpu" else "pandas"
+
+
+@functools.lru_cache(maxsize=1)
+def rapids_available() -> bool:
+    """True when cudf and dask_cudf import and a CUDA device is visible."""
+    if importlib.util.find_spec("cudf") is None or importlib.util.find_spec("dask_cudf") is None:
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no driver, no device: the CPU path is the answer
+        return False
+
+
+@functools.lru_cache(maxsize=4)
+def get_backend(engine: str = "auto") -> Backend:
+    """Pick and log the backend.
+
+    Args:
+        engine: ``"auto"`` (GPU when RAPIDS and a device are present), ``"cpu"`` or ``"gpu"``.
+
+    Returns:
+        The chosen ``Backend``.
+
+    Raises:
+        ValueError: ``engine="gpu"`` without RAPIDS / a CUDA device, or an unknown engine.
+    """
+    if engine not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"engine must be auto, cpu or gpu, got {engine!r}")
+    use_gpu = engine == "gpu" or (engine == "auto" and rapids_available())
+    if use_gpu:
+        if not rapids_available():
+            raise ValueError(
+                "--engine gpu needs RAPIDS (cudf, dask-cudf) and a CUDA device: "
+                "`pip install ctrflow[gpu]` on a GPU machine, or use --engine cpu"
+            )
+        import cudf
+        import cupy
+
+        backend = Backend("gpu", cudf, cupy)
+    else:
+        backend = Backend("cpu", pd, np)
+    log.info("ETL backend: %s (%s + %s)", backend.name, backend.df.__name__, backend.xp.__name__)
+    return backend
+
+
+def is_gpu_object(obj: Any) -> bool:
+    """True for cudf / cupy objects (checked by module name, so cudf need not be imported)."""
+    return type(obj).__module__.split(".")[0] in ("cudf", "cupy")
+
+
+def to_numpy(values: Any) -> np.ndarray:
+    """A host numpy array from a numpy / cupy array or a pandas / cudf Series."""
+    if hasattr(values, "to_numpy") and not is_gpu_object(values):
+        return values.to_numpy()
+    if is_gpu_object(values):
+        return values.get() if hasattr(values, "get") else values.to_numpy()
+    return np.asarray(values)
+
+
+def to_arrow(series: Any) -> pa.Array:
+    """A pyarrow Array from a pandas or cudf Series (categoricals become dictionary arrays)."""
+    if is_gpu_object(series):
+        return series.to_arrow()
+    arr = pa.Array.from_pandas(series)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def series_like(like: Any, values: Any, name: str | None = None) -> Any:
+    """A Series of the same library and index as ``like`` holding ``values``."""
+    if is_gpu_object(like):
+        import cudf
+
+        return cudf.Series(values, index=like.index, name=name)
+    return pd.Series(values, index=like.index, name=name, copy=False)
+
+
+def factorize(series: Any) -> tuple[np.ndarray, pa.Array]:
+    """Codes and unique values of a column, nulls coded -1.
+
+    Uses the column's own dictionary when it is categorical (no hashing), otherwise pyarrow's
+    ``dictionary_encode`` (faster than ``pandas.factorize`` on strings).
+
+    Args:
+        series: a pandas / cudf Series of any dtype.
+
+    Returns:
+        ``(codes [N] int32 or int64 with -1 for null, uniques: pyarrow Array)``.
+    """
+    if is_gpu_object(series):
+        codes, uniques = series.factorize()
+        return to_numpy(codes), uniques.to_arrow()
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        cats = series.cat.categories
+        return series.cat.codes.to_numpy(), pa.Array.from_pandas(cats)
+    arr = to_arrow(series)
+    if pa.types.is_dictionary(arr.type):
+        enc = arr
+    else:
+        enc = arr.dictionary_encode()
+    idx = enc.indices
+    codes = (idx.fill_null(-1) if idx.null_count else idx).to_numpy(zero_copy_only=False)
+    return codes, enc.dictionary
+
+
+def to_float(series: Any) -> Any:
+    """A float64 array (numpy or cupy) of a numeric Series, NaN for nulls."""
+    if isinstance(series.dtype, pd.CategoricalDtype) or str(series.dtype) == "category":
+        raise TypeError(f"column {series.name!r} holds strings: a numeric op cannot use it")
+    if is_gpu_object(series):
+        return series.astype("float64").fillna(np.nan).values
+    return series.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def xp_of(array: Any) -> ModuleType:
+    """numpy or cupy, whichever owns ``array``."""
+    if is_gpu_object(array):
+        import cupy
+
+        return cupy
+    return np

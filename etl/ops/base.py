@@ -1,0 +1,151 @@
+"""The operator contract (NVTabular's, kept).
+
+A stateless op implements ``transform(columns, df)`` on one partition (pandas or cudf). A stat op
+also implements ``fit(columns, ddf)`` returning lazy Dask objects and ``fit_finalize(computed)``
+that stores plain JSON-safe stats (plus optional pyarrow tables, e.g. vocabularies). The workflow
+computes the stats of one dependency level in a single ``dask.compute``. Every op declares its
+output columns, their kind and dtype, and categorical outputs their cardinality.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from ctrflow.etl.schema import embedding_dim, id_dtype
+
+OP_REGISTRY: dict[str, type[Operator]] = {}
+
+
+class OpNotFittedError(RuntimeError):
+    """A stat op was used before ``Workflow.fit``."""
+
+
+class Operator:
+    """Base class of every ETL op.
+
+    Subclasses set ``output_kind`` (``categorical`` | ``continuous`` | ``label`` | ``other``) and
+    override ``transform``; stat ops override ``fit`` and ``fit_finalize`` too.
+    """
+
+    output_kind: ClassVar[str] = "continuous"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        OP_REGISTRY[cls.__name__] = cls
+
+    # ---- graph building -------------------------------------------------------------------
+    def __rrshift__(self, other: Any) -> Any:
+        from ctrflow.etl.graph import as_node
+
+        return as_node(other) >> self
+
+    def output_column_names(self, columns: list[str]) -> list[str]:
+        """Names of the columns this op outputs for the given input columns."""
+        return list(columns)
+
+    def source_column(self, column: str, inputs: list[str]) -> str | None:
+        """For ops that only rename or reorder: the input column an output comes from.
+
+        ``None`` (the default) means this op defines the output's kind and stats itself.
+        """
+        return None
+
+    # ---- execution ------------------------------------------------------------------------
+    def transform(self, columns: list[str], df: Any) -> Any:
+        """Transform one partition.
+
+        Args:
+            columns: the op's input columns (all present in ``df``).
+            df: a pandas or cudf DataFrame.
+
+        Returns:
+            A DataFrame of the same library holding exactly ``output_column_names(columns)``.
+        """
+        raise NotImplementedError
+
+    @property
+    def is_stat(self) -> bool:
+        """True when the op must be fitted before it can transform."""
+        return type(self).fit is not Operator.fit
+
+    def fit(self, columns: list[str], ddf: Any) -> Any:
+        """Lazy Dask objects whose computed values ``fit_finalize`` turns into stats."""
+        return None
+
+    def fit_finalize(self, computed: Any) -> None:
+        """Store the computed stats (JSON-safe) on the op."""
+
+    @property
+    def fitted(self) -> bool:
+        """Stat ops keep their fitted stats in ``self.stats`` (``None`` until fitted)."""
+        return not self.is_stat or getattr(self, "stats", None) is not None
+
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise OpNotFittedError(f"{type(self).__name__} is not fitted: call Workflow.fit(dataset) first")
+
+    # ---- schema ---------------------------------------------------------------------------
+    def cardinality(self, column: str) -> int | None:
+        """Number of distinct ids of a categorical output column (incl. the reserved ids)."""
+        return None
+
+    def column_info(self, column: str) -> dict[str, Any]:
+        """Kind, dtype and (for categoricals) cardinality and embedding dim of an output column."""
+        if self.output_kind == "categorical":
+            card = self.cardinality(column)
+            if card is None:
+                raise OpNotFittedError(f"{type(self).__name__} has no cardinality for {column!r}: fit it first")
+            return {
+                "kind": "categorical",
+                "dtype": id_dtype(card),
+                "cardinality": int(card),
+                "embedding_dim": embedding_dim(card),
+            }
+        if self.output_kind == "label":
+            return {"kind": "label", "dtype": "float32"}
+        if self.output_kind == "continuous":
+            return {"kind": "continuous", "dtype": "float32"}
+        return {"kind": "other", "dtype": None}
+
+    # ---- persistence ----------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-safe) that rebuild this op."""
+        return {}
+
+    def get_state(self) -> tuple[dict[str, Any], dict[str, pa.Table]]:
+        """Fitted stats: a JSON-safe dict and named pyarrow tables (saved as parquet)."""
+        stats = getattr(self, "stats", None)
+        return ({"stats": stats} if stats is not None else {}), {}
+
+    def set_state(self, state: dict[str, Any], tables: dict[str, pa.Table]) -> None:
+        """Restore what ``get_state`` returned."""
+        if "stats" in state:
+            self.stats = state["stats"]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def op_to_dict(op: Operator) -> dict[str, Any]:
+    return {"class": type(op).__name__, "params": op.params()}
+
+
+def op_from_dict(d: dict[str, Any]) -> Operator:
+    cls = OP_REGISTRY.get(d["class"])
+    if cls is None:
+        raise ValueError(f"unknown op {d['class']!r} in saved workflow (written by a newer ctrflow?)")
+    return cls(**d["params"])
+
+
+class ColumnOp(Operator):
+    """An op applied to each input column independently (``transform_column``)."""
+
+    def transform_column(self, name: str, series: Any) -> Any:
+        raise NotImplementedError
+
+    def transform(self, columns: list[str], df: Any) -> Any:
+        self._require_fitted()
+        out = {c: self.transform_column(c, df[c]) for c in columns}
+        return type(df)(out, index=df.index)

@@ -1,0 +1,183 @@
+"""Categorify: map categorical values to contiguous integer ids (NVTabular 23.08's encoding).
+
+Ids: 0 = padding, 1 = null, 2 = out-of-vocabulary or below ``freq_threshold`` (or, with
+``num_buckets``, OOV values hash into ``num_buckets`` ids 2 .. 2 + num_buckets - 1), then the kept
+values in descending frequency, ties broken by ascending value. Cardinality = first kept id + kept.
+
+Example:
+    >>> import pandas as pd
+    >>> from ctrflow.etl import Dataset, Workflow
+    >>> df = pd.DataFrame({"c": ["a", "a", "a", "b", "b", "c", "d", None]})
+    >>> wf = Workflow(["c"] >> Categorify(freq_threshold=2))
+    >>> wf.fit_transform(Dataset(df)).compute()["c"].tolist()
+    [3, 3, 3, 4, 4, 2, 2, 1]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from ctrflow.etl import dispatch
+from ctrflow.etl.hashing import hash_values
+from ctrflow.etl.ops.base import Operator
+from ctrflow.etl.schema import id_dtype
+from ctrflow.etl.stats import tree_reduce
+
+PAD, NULL, OOV = 0, 1, 2
+
+
+class Categorify(Operator):
+    """Encode categorical columns as ids.
+
+    Args:
+        freq_threshold: keep values seen at least this many times in the fit data (0 or 1 keeps all).
+        max_size: keep at most this many values (the most frequent); 0 = no limit.
+        num_buckets: hash OOV values into this many ids instead of the single id 2.
+    """
+
+    output_kind = "categorical"
+
+    def __init__(self, freq_threshold: int = 0, max_size: int = 0, num_buckets: int | None = None) -> None:
+        if freq_threshold < 0 or max_size < 0:
+            raise ValueError("freq_threshold and max_size must be >= 0")
+        if num_buckets is not None and num_buckets < 1:
+            raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+        self.freq_threshold = int(freq_threshold)
+        self.max_size = int(max_size)
+        self.num_buckets = num_buckets
+        self.stats: dict[str, dict[str, Any]] | None = None
+        self.vocabs: dict[str, pa.Table] = {}
+        self._lookup: dict[str, pa.Array] = {}
+
+    def params(self) -> dict[str, Any]:
+        return {"freq_threshold": self.freq_threshold, "max_size": self.max_size, "num_buckets": self.num_buckets}
+
+    @property
+    def first_kept_id(self) -> int:
+        return OOV + (self.num_buckets or 1)
+
+    # ---- fit ------------------------------------------------------------------------------
+    def fit(self, columns: list[str], ddf: Any) -> Any:
+        return tree_reduce(ddf[columns], lambda df: {c: value_counts(df[c]) for c in columns}, merge_counts)
+
+    def fit_finalize(self, computed: dict[str, dict[str, Any]]) -> None:
+        self.stats, self.vocabs = {}, {}
+        for col, vc in computed.items():
+            counts = vc["table"]
+            keep = counts.filter(pc.greater_equal(counts["count"], max(self.freq_threshold, 1)))
+            keep = keep.sort_by([("count", "descending"), ("value", "ascending")])
+            if self.max_size:
+                keep = keep.slice(0, self.max_size)
+            self.vocabs[col] = keep.combine_chunks()
+            kept_rows = pc.sum(keep["count"]).as_py() or 0
+            self.stats[col] = {
+                "kept": keep.num_rows,
+                "distinct": counts.num_rows,
+                "rows": int(vc["rows"]),
+                "nulls": int(vc["nulls"]),
+                "oov_rows": int(vc["rows"] - vc["nulls"] - kept_rows),
+            }
+        self._lookup = {}
+
+    def cardinality(self, column: str) -> int | None:
+        if self.stats is None or column not in self.stats:
+            return None
+        return self.first_kept_id + self.stats[column]["kept"]
+
+    # ---- transform ------------------------------------------------------------------------
+    def transform(self, columns: list[str], df: Any) -> Any:
+        self._require_fitted()
+        out = {}
+        for col in columns:
+            codes, uniques = dispatch.factorize(df[col])
+            lut = np.append(self._ids_of(col, uniques), NULL)  # code -1 (null) -> last entry
+            ids = lut[codes].astype(id_dtype(self.cardinality(col)), copy=False)
+            out[col] = dispatch.series_like(df[col], ids, name=col)
+        return type(df)(out, index=df.index)
+
+    def _ids_of(self, col: str, uniques: pa.Array) -> np.ndarray:
+        """Ids of distinct values: vocabulary position + first kept id, or the OOV id(s)."""
+        vocab = self._lookup.get(col)
+        if vocab is None:
+            vocab = self._lookup[col] = self.vocabs[col]["value"].combine_chunks()
+        uniques = _align_type(uniques, vocab.type)
+        pos = pc.index_in(uniques, value_set=vocab)
+        found = pos.is_valid().to_numpy(zero_copy_only=False)
+        ids = pos.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) + self.first_kept_id
+        if self.num_buckets:
+            oov = OOV + hash_values(uniques) % np.uint64(self.num_buckets)
+            return np.where(found, ids, oov.astype(np.int64))
+        return np.where(found, ids, OOV)
+
+    # ---- persistence ----------------------------------------------------------------------
+    def get_state(self) -> tuple[dict[str, Any], dict[str, pa.Table]]:
+        if self.stats is None:
+            return {}, {}
+        return {"stats": self.stats}, {f"categories/{c}": t for c, t in self.vocabs.items()}
+
+    def set_state(self, state: dict[str, Any], tables: dict[str, pa.Table]) -> None:
+        self.stats = state.get("stats")
+        self.vocabs = {k.split("/", 1)[1]: t for k, t in tables.items() if k.startswith("categories/")}
+        self._lookup = {}
+
+
+def value_counts(series: Any) -> dict[str, Any]:
+    """Counts of the distinct non-null values of one partition's column."""
+    codes, uniques = dispatch.factorize(series)
+    valid = codes >= 0
+    counts = np.bincount(codes[valid], minlength=len(uniques)) if len(uniques) else np.zeros(0, np.int64)
+    table = pa.table({"value": _plain(uniques), "count": pa.array(counts, pa.int64())})
+    if len(uniques) and (counts == 0).any():  # categorical dtypes may list unused categories
+        table = table.filter(pc.greater(table["count"], 0))
+    return {"table": table, "rows": int(codes.size), "nulls": int(codes.size - valid.sum())}
+
+
+def merge_counts(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Add up two partitions' value counts, column by column."""
+    out = {}
+    for col in a:
+        ta, tb = a[col]["table"], b[col]["table"]
+        if ta.num_rows == 0 or tb.num_rows == 0:
+            merged = tb if ta.num_rows == 0 else ta
+        else:
+            tb = tb.cast(pa.schema([("value", _common_type(ta, tb)), ("count", pa.int64())]))
+            ta = ta.cast(tb.schema)
+            merged = pa.concat_tables([ta, tb]).group_by("value").aggregate([("count", "sum")])
+            merged = merged.rename_columns(["value", "count"]).select(["value", "count"])
+        out[col] = {"table": merged, "rows": a[col]["rows"] + b[col]["rows"], "nulls": a[col]["nulls"] + b[col]["nulls"]}
+    return out
+
+
+def _plain(arr: pa.Array) -> pa.Array:
+    """Values as a plain (non-dictionary, non-large) arrow array."""
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_large_string(arr.type):
+        arr = arr.cast(pa.string())
+    return arr
+
+
+def _common_type(ta: pa.Table, tb: pa.Table) -> pa.DataType:
+    a, b = ta.schema.field("value").type, tb.schema.field("value").type
+    if a == b:
+        return a
+    if pa.types.is_null(a):
+        return b
+    if pa.types.is_null(b):
+        return a
+    if (pa.types.is_integer(a) or pa.types.is_floating(a)) and (pa.types.is_integer(b) or pa.types.is_floating(b)):
+        return pa.float64() if pa.types.is_floating(a) or pa.types.is_floating(b) else pa.int64()
+    return pa.string()
+
+
+def _align_type(uniques: pa.Array, target: pa.DataType) -> pa.Array:
+    uniques = _plain(uniques)
+    if uniques.type == target:
+        return uniques
+    try:
+        return uniques.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return uniques.cast(pa.string()) if pa.types.is_string(target) else uniques

@@ -1,0 +1,67 @@
+"""FillMissing: replace nulls with a constant or the fitted median, optionally flagging them.
+
+Example:
+    >>> cont = ["I1", "I2"] >> FillMissing(fill_val="median", add_binary_cols=True)
+    >>> # outputs I1, I2, I1_filled, I2_filled (1.0 where the value was missing)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ctrflow.etl import dispatch
+from ctrflow.etl.ops.base import Operator
+from ctrflow.etl.stats import merge_sketches, sketch, sketch_quantiles, tree_reduce
+
+
+class FillMissing(Operator):
+    """Fill nulls.
+
+    Args:
+        fill_val: a number, or ``"median"`` (approximate median of the fit data, from a mergeable
+            quantile sketch).
+        add_binary_cols: also output ``<col>_filled`` (1.0 where the value was null).
+    """
+
+    output_kind = "continuous"
+
+    def __init__(self, fill_val: float | str = 0, add_binary_cols: bool = False) -> None:
+        if isinstance(fill_val, str) and fill_val != "median":
+            raise ValueError(f"fill_val must be a number or 'median', got {fill_val!r}")
+        self.fill_val = fill_val
+        self.add_binary_cols = add_binary_cols
+        self.stats: dict[str, Any] | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"fill_val": self.fill_val, "add_binary_cols": self.add_binary_cols}
+
+    @property
+    def is_stat(self) -> bool:
+        return self.fill_val == "median"
+
+    def output_column_names(self, columns: list[str]) -> list[str]:
+        extra = [f"{c}_filled" for c in columns] if self.add_binary_cols else []
+        return list(columns) + extra
+
+    def fit(self, columns: list[str], ddf: Any) -> Any:
+        def chunk(df: Any) -> dict:
+            return {c: sketch(np.asarray(dispatch.to_numpy(dispatch.to_float(df[c])))) for c in columns}
+
+        return tree_reduce(ddf[columns], chunk, lambda a, b: {c: merge_sketches(a[c], b[c]) for c in a})
+
+    def fit_finalize(self, computed: dict[str, Any]) -> None:
+        self.stats = {c: {"median": float(np.nan_to_num(sketch_quantiles(sk, [0.5])[0])), "sketch": sk}
+                      for c, sk in computed.items()}
+
+    def transform(self, columns: list[str], df: Any) -> Any:
+        self._require_fitted()
+        out, flags = {}, {}
+        for c in columns:
+            x = dispatch.to_float(df[c])
+            missing = x != x  # NaN test that works for numpy and cupy
+            fill = self.stats[c]["median"] if self.fill_val == "median" else float(self.fill_val)
+            out[c] = dispatch.series_like(df[c], dispatch.xp_of(x).where(missing, fill, x), name=c)
+            if self.add_binary_cols:
+                flags[f"{c}_filled"] = dispatch.series_like(df[c], missing.astype(np.float32), name=f"{c}_filled")
+        return type(df)({**out, **flags}, index=df.index)

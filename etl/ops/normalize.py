@@ -1,0 +1,50 @@
+"""Normalize: standardise continuous columns to zero mean and unit variance.
+
+``(x - mean) / std`` with the mean and sample std (ddof=1) of the non-null fit values; nulls stay
+null. Stats merge exactly across partitions (parallel-variance formula).
+
+Example:
+    >>> cont = ["I1", "I2"] >> FillMissing() >> LogOp() >> Normalize()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ctrflow.etl import dispatch
+from ctrflow.etl.ops.base import ColumnOp
+from ctrflow.etl.stats import merge_moments, moments, std_from_moments, tree_reduce
+
+
+def fit_moments(columns: list[str], ddf: Any) -> Any:
+    """Lazy per-column moments (count, mean, M2, min, max) of a Dask DataFrame."""
+
+    def chunk(df: Any) -> dict[str, dict[str, float]]:
+        return {c: moments(np.asarray(dispatch.to_numpy(dispatch.to_float(df[c])))) for c in columns}
+
+    def merge(a: dict, b: dict) -> dict:
+        return {c: merge_moments(a[c], b[c]) for c in a}
+
+    return tree_reduce(ddf[columns], chunk, merge)
+
+
+class Normalize(ColumnOp):
+    """Standardise each column with its fitted mean and std."""
+
+    output_kind = "continuous"
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, float]] | None = None
+
+    def fit(self, columns: list[str], ddf: Any) -> Any:
+        return fit_moments(columns, ddf)
+
+    def fit_finalize(self, computed: dict[str, dict[str, float]]) -> None:
+        self.stats = {c: {**m, "std": std_from_moments(m)} for c, m in computed.items()}
+
+    def transform_column(self, name: str, series: Any) -> Any:
+        m = self.stats[name]
+        std = m["std"] if m["std"] > 0 else 1.0
+        x = dispatch.to_float(series)
+        return dispatch.series_like(series, ((x - m["mean"]) / std).astype(np.float32), name=name)

@@ -1,0 +1,36 @@
+"""NormalizeMinMax: scale continuous columns to [0, 1] with the fitted min and max.
+
+Example:
+    >>> cont = ["I1"] >> FillMissing() >> NormalizeMinMax()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ctrflow.etl import dispatch
+from ctrflow.etl.ops.base import ColumnOp
+from ctrflow.etl.ops.normalize import fit_moments
+
+
+class NormalizeMinMax(ColumnOp):
+    """``(x - min) / (max - min)``; a constant column maps to 0."""
+
+    output_kind = "continuous"
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, float]] | None = None
+
+    def fit(self, columns: list[str], ddf: Any) -> Any:
+        return fit_moments(columns, ddf)
+
+    def fit_finalize(self, computed: dict[str, dict[str, float]]) -> None:
+        self.stats = computed
+
+    def transform_column(self, name: str, series: Any) -> Any:
+        m = self.stats[name]
+        span = m["max"] - m["min"]
+        x = dispatch.to_float(series)
+        y = (x - m["min"]) / span if span > 0 and np.isfinite(span) else x * 0.0
+        return dispatch.series_like(series, y.astype(np.float32), name=name)

@@ -1,0 +1,254 @@
+"""``Workflow``: fit the stats of an op graph over a Dataset, then transform it partition by partition.
+
+Example:
+    >>> import pandas as pd
+    >>> from ctrflow.etl import Dataset, Workflow
+    >>> from ctrflow.etl.ops import Categorify, Normalize
+    >>> wf = Workflow((["c"] >> Categorify()) + (["x"] >> Normalize()))
+    >>> out = wf.fit_transform(Dataset(pd.DataFrame({"c": ["a", "b", "a"], "x": [1.0, 2.0, 3.0]})))
+    >>> out.compute()["c"].tolist(), get_embedding_sizes(wf)
+    ([3, 4, 3], {'c': (5, 16)})
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from typing import Any
+
+import dask
+import pyarrow.parquet as pq
+from ctrflow.etl.dataset import Dataset
+from ctrflow.etl.graph import Node, Selectable, as_node, graph_from_dict, graph_to_dict
+from ctrflow.etl.ops.base import Operator, op_from_dict, op_to_dict
+from ctrflow.etl.schema import ColumnSchema, Schema
+from ctrflow.etl.versions import library_versions
+from ctrflow.etl.writer import atomic_dir, write_parquet
+
+log = logging.getLogger("ctrflow.etl")
+WORKFLOW_FORMAT = "ctrflow.workflow/1"
+
+
+class WorkflowError(ValueError):
+    """A saved workflow that is corrupt or incompatible."""
+
+
+class _Evaluator:
+    """Evaluates nodes of the graph on one partition (memoised within the call)."""
+
+    def __init__(self, targets: list[Node], cast: dict[str, str] | None = None) -> None:
+        self.targets = targets
+        self.cast = cast
+
+    def __call__(self, df: Any) -> Any:
+        memo: dict[int, Any] = {}
+        outs = [self._eval(t, df, memo) for t in self.targets]
+        out = outs[0] if len(outs) == 1 else _concat(outs)
+        if self.cast:
+            out = out.astype({c: t for c, t in self.cast.items() if t and out[c].dtype != t}, copy=False)
+        return out
+
+    def _eval(self, node: Node, df: Any, memo: dict[int, Any]) -> Any:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if node.selector is not None:
+            out = df[node.selector.names]
+        else:
+            parts = [self._eval(p, df, memo) for p in node.parents]
+            inp = parts[0] if len(parts) == 1 else _concat(parts)
+            out = inp if node.op is None else node.op.transform(node.input_columns, inp)
+        memo[key] = out
+        return out
+
+
+def _concat(frames: list[Any]) -> Any:
+    """Column-wise concat of frames sharing an index (a later duplicate column wins)."""
+    cols: dict[str, Any] = {}
+    for f in frames:
+        for c in f.columns:
+            cols[c] = f[c]
+    return type(frames[0])(cols, index=frames[0].index)
+
+
+class Workflow:
+    """A graph of ops with fitted statistics.
+
+    Args:
+        graph: a ``Node`` (``cols >> Op()`` ...), a selector, or column names.
+    """
+
+    def __init__(self, graph: Selectable) -> None:
+        self.output_node = as_node(graph)
+        self.fitted = not any(n.op is not None and n.op.is_stat for n in self.output_node.walk())
+        self.meta: dict[str, Any] = {}
+
+    # ---- structure ------------------------------------------------------------------------
+    @property
+    def input_columns(self) -> list[str]:
+        return self.output_node.leaf_columns()
+
+    @property
+    def output_columns(self) -> list[str]:
+        return self.output_node.output_columns
+
+    @property
+    def ops(self) -> list[Operator]:
+        return [n.op for n in self.output_node.walk() if n.op is not None]
+
+    def _stat_levels(self) -> list[list[Node]]:
+        """Stat nodes grouped by dependency level (a level needs only lower levels fitted)."""
+        level: dict[int, int] = {}
+        for n in self.output_node.walk():
+            below = max((level[id(p)] for p in n.parents), default=-1)
+            level[id(n)] = below + 1 if (n.op is not None and n.op.is_stat) else below
+        groups: dict[int, list[Node]] = {}
+        for n in self.output_node.walk():
+            if n.op is not None and n.op.is_stat:
+                groups.setdefault(level[id(n)], []).append(n)
+        return [groups[k] for k in sorted(groups)]
+
+    # ---- fit / transform -------------------------------------------------------------------
+    def fit(self, dataset: Dataset) -> Workflow:
+        """Compute every stat op's statistics: one ``dask.compute`` per dependency level."""
+        dataset.check_columns(self.input_columns)
+        ddf = dataset.to_ddf(self.input_columns)
+        for nodes in self._stat_levels():
+            lazy = []
+            for node in nodes:
+                parents_eval = _Evaluator(node.parents)
+                inp = ddf.map_partitions(parents_eval, meta=parents_eval(ddf._meta))
+                lazy.append(node.op.fit(node.input_columns, inp))
+            computed = dask.compute(*lazy)
+            for node, stats in zip(nodes, computed, strict=True):
+                node.op.fit_finalize(stats)
+        self.fitted = True
+        return self
+
+    def transform(self, dataset: Dataset) -> Dataset:
+        """Apply the fitted graph lazily; returns a Dataset of the output columns (cast to schema)."""
+        if not self.fitted:
+            raise RuntimeError("Workflow.transform before Workflow.fit: fit it on a dataset first")
+        dataset.check_columns(self.input_columns)
+        ddf = dataset.to_ddf(self.input_columns)
+        schema = self.output_schema()
+        evaluator = _Evaluator([self.output_node], {c.name: c.dtype for c in schema.columns})
+        out = ddf.map_partitions(evaluator, meta=evaluator(ddf._meta))
+        return Dataset(out, schema=schema)
+
+    def fit_transform(self, dataset: Dataset) -> Dataset:
+        return self.fit(dataset).transform(dataset)
+
+    # ---- schema -----------------------------------------------------------------------------
+    def _origin(self, node: Node, column: str) -> tuple[Operator | None, str]:
+        """The op that last produced ``column`` on the way to ``node`` and its name there.
+
+        ``(None, column)`` means the column passes through from the input unchanged.
+        """
+        if node.op is not None and column in node.output_columns:
+            source = node.op.source_column(column, node.input_columns)
+            if source is None:
+                return node.op, column
+            node = Node(parents=node.parents)
+            column = source
+        for p in reversed(node.parents):
+            if column in p.output_columns:
+                return self._origin(p, column)
+        return None, column
+
+    def output_schema(self, input_dtypes: dict[str, str] | None = None) -> Schema:
+        """Kind, dtype, cardinality and embedding dim of every output column."""
+        cols = []
+        for name in self.output_columns:
+            op, source = self._origin(self.output_node, name)
+            if op is None:
+                dtype = (input_dtypes or {}).get(source)
+                cols.append(ColumnSchema(name, "other", dtype or "unknown"))
+            else:
+                info = op.column_info(source)
+                cols.append(ColumnSchema(name, info["kind"], info["dtype"] or "unknown",
+                                         info.get("cardinality"), info.get("embedding_dim")))
+        return Schema(cols)
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
+        """Write ``workflow.json`` plus one parquet file per vocabulary (atomically; never pickle)."""
+        nodes = list(self.output_node.walk())
+        tables_index: dict[str, dict[str, int]] = {}
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+
+            def dump(op: Operator) -> dict[str, Any]:
+                i = next(k for k, n in enumerate(nodes) if n.op is op)
+                state, tables = op.get_state()
+                for name, table in tables.items():
+                    rel = f"ops/{i}/{name}.parquet"
+                    os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+                    pq.write_table(table, os.path.join(tmp, rel))
+                    tables_index.setdefault(str(i), {})[name] = table.num_rows
+                return {**op_to_dict(op), "state": state}
+
+            doc = {
+                "format": WORKFLOW_FORMAT,
+                "versions": library_versions(),
+                "fitted": self.fitted,
+                "graph": graph_to_dict(self.output_node, dump),
+                "tables": tables_index,
+                "meta": self.meta,
+            }
+            with open(os.path.join(tmp, "workflow.json"), "w") as f:
+                json.dump(doc, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Workflow:
+        """Read a saved workflow; warns on a library-version mismatch, refuses a corrupt save."""
+        path = os.fspath(path)
+        doc_path = os.path.join(path, "workflow.json")
+        try:
+            with open(doc_path) as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            raise WorkflowError(f"{path} is not a saved workflow (no workflow.json)") from None
+        except json.JSONDecodeError as e:
+            raise WorkflowError(f"{doc_path} is corrupt ({e}); re-run the ETL") from None
+        if doc.get("format") != WORKFLOW_FORMAT:
+            raise WorkflowError(f"{doc_path}: format {doc.get('format')!r}, expected {WORKFLOW_FORMAT!r}")
+        saved, now = doc.get("versions", {}), library_versions()
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if diff:
+            warnings.warn(f"workflow saved with other library versions {diff}; ids are stable, stats may differ",
+                          stacklevel=2)
+        tables = doc.get("tables", {})
+
+        def build(d: dict[str, Any]) -> Operator:
+            op = op_from_dict(d)
+            i = next(k for k, n in enumerate(doc["graph"]["nodes"]) if n["op"] is d)
+            loaded = {}
+            for name, rows in tables.get(str(i), {}).items():
+                file = os.path.join(path, f"ops/{i}/{name}.parquet")
+                try:
+                    t = pq.read_table(file)
+                except Exception as e:
+                    raise WorkflowError(f"{file} is missing or corrupt ({e}); re-run the ETL") from None
+                if t.num_rows != rows:
+                    raise WorkflowError(f"{file} has {t.num_rows} rows, workflow.json says {rows}: corrupt save")
+                loaded[name] = t
+            op.set_state(d.get("state", {}), loaded)
+            return op
+
+        wf = cls(graph_from_dict(doc["graph"], build))
+        wf.fitted = bool(doc.get("fitted"))
+        wf.meta = doc.get("meta", {})
+        return wf
+
+    def __repr__(self) -> str:
+        return f"Workflow({self.output_node!r}, fitted={self.fitted})"
+
+
+def get_embedding_sizes(workflow: Workflow) -> dict[str, tuple[int, int]]:
+    """``{column: (cardinality, embedding dim)}`` for every categorical output of a fitted workflow."""
+    return workflow.output_schema().embedding_sizes()
+
+
+__all__ = ["Workflow", "WorkflowError", "get_embedding_sizes", "write_parquet"]

@@ -1,0 +1,81 @@
+"""Atomic output: write into a temporary sibling directory, rename into place when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MIN_ROW_GROUP = 256 * 1024
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary directory that replaces ``path`` only if the block completes.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"output {path} already exists: pass --overwrite (overwrite=True) to replace it")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = f"{tmp}.old"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_partition(df: Any, path: str, dtypes: dict[str, str], row_group_size: int | None) -> int:
+    """Write one partition as one parquet file (row groups of at least ``MIN_ROW_GROUP`` rows)."""
+    if hasattr(df, "to_arrow") and not hasattr(df, "to_numpy"):  # pragma: no cover - cudf
+        table = df.to_arrow()
+    else:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+    if dtypes:
+        fields = [pa.field(n, pa.from_numpy_dtype(dtypes[n]) if dtypes.get(n) else table.schema.field(n).type)
+                  for n in table.column_names]
+        table = table.cast(pa.schema(fields))
+    rg = max(row_group_size or table.num_rows, MIN_ROW_GROUP)
+    pq.write_table(table, path, row_group_size=rg, compression="snappy")
+    return table.num_rows
+
+
+def write_parquet(ddf: Any, out_dir: str, dtypes: dict[str, str], row_group_size: int | None = None) -> list[int]:
+    """Write every partition of ``ddf`` as ``out_dir/part-NNNNN.parquet`` (empty ones skipped).
+
+    Returns:
+        Rows per written file.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    parts = ddf.to_delayed(optimize_graph=True)
+    tasks = [
+        dask.delayed(_write_nonempty)(p, os.path.join(out_dir, f"part-{i:05d}.parquet"), dtypes, row_group_size)
+        for i, p in enumerate(parts)
+    ]
+    counts = dask.compute(*tasks)
+    return [c for c in counts if c]
+
+
+def _write_nonempty(df: Any, path: str, dtypes: dict[str, str], row_group_size: int | None) -> int:
+    if len(df) == 0:
+        return 0
+    return write_partition(df, path, dtypes, row_group_size)
