@@ -168,6 +168,44 @@ class Dataset:
             columns=columns, meta=meta, enforce_metadata=False, divisions=[None] * (len(self._pieces) + 1),
         )
 
+    def estimated_bytes(self) -> int | None:
+        """Uncompressed size of the selected parquet columns (from footers), when known."""
+        if self.engine != "parquet" or not self._pieces:
+            return None
+        import pyarrow.parquet as pq
+
+        total = 0
+        for f in self.files:
+            md = pq.ParquetFile(f).metadata
+            for rg in range(md.num_row_groups):
+                g = md.row_group(rg)
+                total += sum(g.column(i).total_uncompressed_size for i in range(g.num_columns)
+                             if self.columns is None or g.column(i).path_in_schema in self.columns)
+        return total
+
+    def persist(self, columns: list[str] | None = None) -> Dataset:
+        """Read the data once into (worker) memory; later passes skip the disk and the decode."""
+        return Dataset(self.to_ddf(columns).persist(), schema=self.schema)
+
+    def to_parquet(self, output_path: str | os.PathLike, overwrite: bool = False,
+                   row_group_size: int | None = None) -> list[int]:
+        """Write the dataset as ``output_path/part-NNNNN.parquet`` (+ ``schema.json`` when known).
+
+        The directory appears only when complete (written to a temporary sibling, then renamed).
+
+        Returns:
+            Rows per written file.
+        """
+        from ctrflow.etl.writer import atomic_dir, write_parquet
+
+        dtypes = {c.name: c.dtype for c in self.schema.columns if c.dtype != "unknown"} if self.schema else {}
+        with atomic_dir(output_path, overwrite=overwrite) as tmp:
+            [files] = write_parquet([(self.to_ddf(), tmp)], dtypes, row_group_size=row_group_size)
+            if self.schema is not None:
+                self.schema.metadata.setdefault("rows", sum(f["rows"] for f in files))
+                self.schema.save(os.path.join(tmp, "schema.json"))
+        return [f["rows"] for f in files]
+
     def compute(self) -> pd.DataFrame:
         """The whole table in memory (small data and tests only)."""
         return dask.compute(self.to_ddf())[0]

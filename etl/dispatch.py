@@ -109,8 +109,13 @@ def to_arrow(series: Any) -> pa.Array:
     """A pyarrow Array from a pandas or cudf Series (categoricals become dictionary arrays)."""
     if is_gpu_object(series):
         return series.to_arrow()
-    arr = pa.Array.from_pandas(series)
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if isinstance(series.dtype, pd.ArrowDtype):
+        arr = series.array._pa_array  # zero-copy: the arrow data the partition was read into
+    else:
+        arr = pa.Array.from_pandas(series)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    return arr
 
 
 def series_like(like: Any, values: Any, name: str | None = None) -> Any:
@@ -152,10 +157,17 @@ def factorize(series: Any) -> tuple[np.ndarray, pa.Array]:
 
 def to_float(series: Any) -> Any:
     """A float64 array (numpy or cupy) of a numeric Series, NaN for nulls."""
-    if isinstance(series.dtype, pd.CategoricalDtype) or str(series.dtype) == "category":
-        raise TypeError(f"column {series.name!r} holds strings: a numeric op cannot use it")
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype) or str(dtype) == "category" or (
+        isinstance(dtype, pd.ArrowDtype) and not (pa.types.is_integer(dtype.pyarrow_dtype)
+                                                  or pa.types.is_floating(dtype.pyarrow_dtype))
+    ):
+        raise TypeError(f"column {series.name!r} holds {dtype}: a numeric op needs numbers")
     if is_gpu_object(series):
         return series.astype("float64").fillna(np.nan).values
+    if isinstance(dtype, pd.ArrowDtype):
+        arr = to_arrow(series).cast(pa.float64())
+        return arr.fill_null(np.nan).to_numpy() if arr.null_count else arr.to_numpy()
     return series.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
@@ -166,3 +178,14 @@ def xp_of(array: Any) -> ModuleType:
 
         return cupy
     return np
+
+
+def frame_from_columns(like: Any, columns: dict[str, Any]) -> Any:
+    """A DataFrame of ``like``'s library and index from ``{name: Series}`` without copying.
+
+    ``copy=False`` matters: pandas otherwise stacks same-dtype columns into 2-D blocks, a full
+    copy that cost more than the ops themselves on Criteo-shaped partitions.
+    """
+    if is_gpu_object(like):
+        return type(like)(columns, index=like.index)
+    return pd.DataFrame(columns, index=like.index, copy=False)

@@ -1,9 +1,11 @@
 """Partition readers: parquet row groups, byte ranges of CSV / Criteo TSV files.
 
 Each reader turns one *piece* (a file plus row groups or a byte range) into a pandas DataFrame
-with stable dtypes, so every partition of a dataset has the same dtypes as its meta: strings as
-``category`` (dictionary-decoded once per piece, the fastest input for Categorify and hashing),
-integers as nullable ``Int64``, floats as ``float64``.
+backed by pyarrow (``pd.ArrowDtype``) with stable types, so every partition of a dataset has the
+same dtypes as its meta: strings as ``dictionary<int32, string>`` (Categorify and hashing work on
+the dictionary and its indices, never on one Python object per row), integers as int64, floats as
+float64. Wrapping arrow arrays costs nothing; converting them to numpy-backed pandas (categories,
+masked ints) cost ten times the parquet decode on Criteo-shaped data.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import gzip
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -39,16 +40,8 @@ class Piece:
 
 
 # ---- dtype normalisation -------------------------------------------------------------------
-def _pandas_type(t: pa.DataType) -> Any:
-    if pa.types.is_integer(t):
-        return pd.Int64Dtype()
-    if pa.types.is_boolean(t):
-        return pd.BooleanDtype()
-    return None
-
-
 def normalize_arrow(table: pa.Table) -> pa.Table:
-    """Strings to dictionary, other numerics to int64 / float64, so all partitions match."""
+    """Strings to dictionary, other numerics to int64 / float64, one chunk per column."""
     cols, fields = [], []
     for name, col in zip(table.column_names, table.columns, strict=True):
         t = col.type
@@ -60,17 +53,19 @@ def normalize_arrow(table: pa.Table) -> pa.Table:
             col = col.cast(pa.int64())
         elif pa.types.is_floating(t) and t != pa.float64():
             col = col.cast(pa.float64())
-        elif pa.types.is_null(t):
+        elif pa.types.is_null(t) or pa.types.is_boolean(t):
             col = col.cast(pa.float64())
         cols.append(col)
         fields.append(pa.field(name, col.type))
-    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+    table = pa.Table.from_arrays(cols, schema=pa.schema(fields))
+    if any(c.num_chunks > 1 for c in table.columns):
+        table = table.unify_dictionaries().combine_chunks()
+    return table
 
 
 def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
-    """Arrow table to pandas with the dtypes every partition shares (see module doc)."""
-    table = normalize_arrow(table)
-    return table.to_pandas(types_mapper=_pandas_type, split_blocks=True, self_destruct=True)
+    """Arrow table to an arrow-backed pandas DataFrame with the shared dtypes (see module doc)."""
+    return normalize_arrow(table).to_pandas(types_mapper=pd.ArrowDtype, split_blocks=True)
 
 
 def meta_from_schema(schema: pa.Schema) -> pd.DataFrame:

@@ -7,6 +7,7 @@ gathered whole. The same merges let ``Workflow.update`` fold new data into fitte
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,13 +15,13 @@ import dask
 import numpy as np
 
 
-def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[Any, Any], Any], split_every: int = 8):
+def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[list[Any]], Any], split_every: int = 8):
     """A lazy tree reduction over the partitions of a Dask DataFrame.
 
     Args:
         ddf: the Dask DataFrame (its partitions are pandas or cudf frames).
         chunk: partition -> partial result.
-        merge: (partial, partial) -> partial; associative.
+        merge: [partial, ...] -> partial (up to ``split_every`` at a time); associative.
         split_every: fan-in of each merge level.
 
     Returns:
@@ -28,17 +29,18 @@ def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[Any, Any
     """
     # optimize_graph=False keeps the partitions' keys, so stats computed together share one read.
     parts = [dask.delayed(chunk)(p) for p in ddf.to_delayed(optimize_graph=False)]
-    merge_many = dask.delayed(_merge_many)
     while len(parts) > 1:
-        parts = [merge_many(merge, *parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
+        parts = [dask.delayed(merge)(parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
     return parts[0]
 
 
-def _merge_many(merge: Callable[[Any, Any], Any], *partials: Any) -> Any:
-    out = partials[0]
-    for p in partials[1:]:
-        out = merge(out, p)
-    return out
+def merge_columns(pairwise: Callable[[Any, Any], Any]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """A list merge of ``{column: partial}`` dicts from a pairwise merge of partials."""
+
+    def merge(partials: list[dict[str, Any]]) -> dict[str, Any]:
+        return {c: functools.reduce(pairwise, [p[c] for p in partials]) for c in partials[0]}
+
+    return merge
 
 
 # ---- moments: count, mean, M2, min, max (Chan et al.'s parallel variance) ----------------------

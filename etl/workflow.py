@@ -20,12 +20,13 @@ from typing import Any
 
 import dask
 import pyarrow.parquet as pq
+from ctrflow.etl import dispatch
 from ctrflow.etl.dataset import Dataset
 from ctrflow.etl.graph import Node, Selectable, as_node, graph_from_dict, graph_to_dict
 from ctrflow.etl.ops.base import Operator, op_from_dict, op_to_dict
 from ctrflow.etl.schema import ColumnSchema, Schema
 from ctrflow.etl.versions import library_versions
-from ctrflow.etl.writer import atomic_dir, write_parquet
+from ctrflow.etl.writer import atomic_dir
 
 log = logging.getLogger("ctrflow.etl")
 WORKFLOW_FORMAT = "ctrflow.workflow/1"
@@ -47,7 +48,7 @@ class _Evaluator:
         outs = [self._eval(t, df, memo) for t in self.targets]
         out = outs[0] if len(outs) == 1 else _concat(outs)
         if self.cast:
-            out = out.astype({c: t for c, t in self.cast.items() if t and out[c].dtype != t}, copy=False)
+            out = out.astype({c: t for c, t in self.cast.items() if t and out[c].dtype != t})
         return out
 
     def _eval(self, node: Node, df: Any, memo: dict[int, Any]) -> Any:
@@ -70,7 +71,7 @@ def _concat(frames: list[Any]) -> Any:
     for f in frames:
         for c in f.columns:
             cols[c] = f[c]
-    return type(frames[0])(cols, index=frames[0].index)
+    return dispatch.frame_from_columns(frames[0], cols)
 
 
 class Workflow:
@@ -251,4 +252,4 @@ def get_embedding_sizes(workflow: Workflow) -> dict[str, tuple[int, int]]:
     return workflow.output_schema().embedding_sizes()
 
 
-__all__ = ["Workflow", "WorkflowError", "get_embedding_sizes", "write_parquet"]
+__all__ = ["Workflow", "WorkflowError", "get_embedding_sizes"]

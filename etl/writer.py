@@ -59,23 +59,47 @@ def write_partition(df: Any, path: str, dtypes: dict[str, str], row_group_size: 
     return table.num_rows
 
 
-def write_parquet(ddf: Any, out_dir: str, dtypes: dict[str, str], row_group_size: int | None = None) -> list[int]:
-    """Write every partition of ``ddf`` as ``out_dir/part-NNNNN.parquet`` (empty ones skipped).
+def write_parquet(
+    jobs: list[tuple[Any, str]],
+    dtypes: dict[str, str],
+    count_ids: list[str] | None = None,
+    row_group_size: int | None = None,
+) -> list[list[dict[str, Any]]]:
+    """Write every partition of each ``(ddf, out_dir)`` job as ``out_dir/part-NNNNN.parquet``.
+
+    All jobs run in one ``dask.compute`` (so splits of the same input share its read); empty
+    partitions write no file.
+
+    Args:
+        jobs: ``[(dask dataframe, output directory), ...]``.
+        dtypes: ``{column: numpy dtype name}`` to cast to before writing.
+        count_ids: categorical columns whose null (id 1) and OOV (id 2) rows are counted.
+        row_group_size: rows per row group (at least ``MIN_ROW_GROUP``; default one per file).
 
     Returns:
-        Rows per written file.
+        Per job, per written file: ``{"rows": n, "nulls": {col: n}, "oov": {col: n}}``.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    parts = ddf.to_delayed(optimize_graph=True)
-    tasks = [
-        dask.delayed(_write_nonempty)(p, os.path.join(out_dir, f"part-{i:05d}.parquet"), dtypes, row_group_size)
-        for i, p in enumerate(parts)
-    ]
-    counts = dask.compute(*tasks)
-    return [c for c in counts if c]
+    tasks = []
+    for ddf, out_dir in jobs:
+        os.makedirs(out_dir, exist_ok=True)
+        parts = ddf.to_delayed(optimize_graph=False)
+        tasks.append([
+            dask.delayed(_write_nonempty)(p, os.path.join(out_dir, f"part-{i:05d}.parquet"), dtypes,
+                                          count_ids or [], row_group_size)
+            for i, p in enumerate(parts)
+        ])
+    results = dask.compute(*tasks)
+    return [[r for r in job if r["rows"]] for job in results]
 
 
-def _write_nonempty(df: Any, path: str, dtypes: dict[str, str], row_group_size: int | None) -> int:
+def _write_nonempty(df: Any, path: str, dtypes: dict[str, str], count_ids: list[str],
+                    row_group_size: int | None) -> dict[str, Any]:
     if len(df) == 0:
-        return 0
-    return write_partition(df, path, dtypes, row_group_size)
+        return {"rows": 0}
+    rows = write_partition(df, path, dtypes, row_group_size)
+    nulls, oov = {}, {}
+    for c in count_ids:
+        ids = df[c].to_numpy()
+        nulls[c] = int((ids == 1).sum())
+        oov[c] = int((ids == 2).sum())
+    return {"rows": rows, "nulls": nulls, "oov": oov}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pyarrow as pa
+from ctrflow.etl import dispatch
 from ctrflow.etl.schema import embedding_dim, id_dtype
 
 OP_REGISTRY: dict[str, type[Operator]] = {}
@@ -148,4 +149,4 @@ class ColumnOp(Operator):
     def transform(self, columns: list[str], df: Any) -> Any:
         self._require_fitted()
         out = {c: self.transform_column(c, df[c]) for c in columns}
-        return type(df)(out, index=df.index)
+        return dispatch.frame_from_columns(df, out)

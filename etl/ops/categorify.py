@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -94,9 +95,9 @@ class Categorify(Operator):
         for col in columns:
             codes, uniques = dispatch.factorize(df[col])
             lut = np.append(self._ids_of(col, uniques), NULL)  # code -1 (null) -> last entry
-            ids = lut[codes].astype(id_dtype(self.cardinality(col)), copy=False)
+            ids = lut.astype(id_dtype(self.cardinality(col)))[codes]
             out[col] = dispatch.series_like(df[col], ids, name=col)
-        return type(df)(out, index=df.index)
+        return dispatch.frame_from_columns(df, out)
 
     def _ids_of(self, col: str, uniques: pa.Array) -> np.ndarray:
         """Ids of distinct values: vocabulary position + first kept id, or the OOV id(s)."""
@@ -135,19 +136,20 @@ def value_counts(series: Any) -> dict[str, Any]:
     return {"table": table, "rows": int(codes.size), "nulls": int(codes.size - valid.sum())}
 
 
-def merge_counts(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Add up two partitions' value counts, column by column."""
+def merge_counts(partials: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Add up several partitions' value counts, column by column (one hash group-by each)."""
     out = {}
-    for col in a:
-        ta, tb = a[col]["table"], b[col]["table"]
-        if ta.num_rows == 0 or tb.num_rows == 0:
-            merged = tb if ta.num_rows == 0 else ta
-        else:
-            tb = tb.cast(pa.schema([("value", _common_type(ta, tb)), ("count", pa.int64())]))
-            ta = ta.cast(tb.schema)
-            merged = pa.concat_tables([ta, tb]).group_by("value").aggregate([("count", "sum")])
+    for col in partials[0]:
+        tables = [p[col]["table"] for p in partials if p[col]["table"].num_rows]
+        if len(tables) > 1:
+            vtype = functools.reduce(_common_type, [t.schema.field("value").type for t in tables])
+            schema = pa.schema([("value", vtype), ("count", pa.int64())])
+            merged = pa.concat_tables([t.cast(schema) for t in tables]).group_by("value").aggregate([("count", "sum")])
             merged = merged.rename_columns(["value", "count"]).select(["value", "count"])
-        out[col] = {"table": merged, "rows": a[col]["rows"] + b[col]["rows"], "nulls": a[col]["nulls"] + b[col]["nulls"]}
+        else:
+            merged = tables[0] if tables else partials[0][col]["table"]
+        out[col] = {"table": merged, "rows": sum(p[col]["rows"] for p in partials),
+                    "nulls": sum(p[col]["nulls"] for p in partials)}
     return out
 
 
@@ -160,15 +162,16 @@ def _plain(arr: pa.Array) -> pa.Array:
     return arr
 
 
-def _common_type(ta: pa.Table, tb: pa.Table) -> pa.DataType:
-    a, b = ta.schema.field("value").type, tb.schema.field("value").type
-    if a == b:
+def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    """A value type both partitions' values cast to (ints and floats -> float64, else string)."""
+    if a == b or pa.types.is_null(b):
         return a
     if pa.types.is_null(a):
         return b
-    if pa.types.is_null(b):
-        return a
-    if (pa.types.is_integer(a) or pa.types.is_floating(a)) and (pa.types.is_integer(b) or pa.types.is_floating(b)):
+    def is_num(t: pa.DataType) -> bool:
+        return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+    if is_num(a) and is_num(b):
         return pa.float64() if pa.types.is_floating(a) or pa.types.is_floating(b) else pa.int64()
     return pa.string()
 

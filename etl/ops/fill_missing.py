@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import Operator
-from ctrflow.etl.stats import merge_sketches, sketch, sketch_quantiles, tree_reduce
+from ctrflow.etl.stats import merge_columns, merge_sketches, sketch, sketch_quantiles, tree_reduce
 
 
 class FillMissing(Operator):
@@ -48,7 +48,7 @@ class FillMissing(Operator):
         def chunk(df: Any) -> dict:
             return {c: sketch(np.asarray(dispatch.to_numpy(dispatch.to_float(df[c])))) for c in columns}
 
-        return tree_reduce(ddf[columns], chunk, lambda a, b: {c: merge_sketches(a[c], b[c]) for c in a})
+        return tree_reduce(ddf[columns], chunk, merge_columns(merge_sketches))
 
     def fit_finalize(self, computed: dict[str, Any]) -> None:
         self.stats = {c: {"median": float(np.nan_to_num(sketch_quantiles(sk, [0.5])[0])), "sketch": sk}
@@ -64,4 +64,4 @@ class FillMissing(Operator):
             out[c] = dispatch.series_like(df[c], dispatch.xp_of(x).where(missing, fill, x), name=c)
             if self.add_binary_cols:
                 flags[f"{c}_filled"] = dispatch.series_like(df[c], missing.astype(np.float32), name=f"{c}_filled")
-        return type(df)({**out, **flags}, index=df.index)
+        return dispatch.frame_from_columns(df, {**out, **flags})

@@ -60,4 +60,4 @@ class HashedCross(Operator):
             hashes.append(lut[codes])
         ids = (combine_hashes(hashes) % np.uint64(self.num_buckets)).astype(id_dtype(self.num_buckets))
         name = self.output_column_names(columns)[0]
-        return type(df)({name: dispatch.series_like(df[cols[0]], ids, name=name)}, index=df.index)
+        return dispatch.frame_from_columns(df, {name: dispatch.series_like(df[cols[0]], ids, name=name)})

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
-from ctrflow.etl.stats import merge_moments, moments, std_from_moments, tree_reduce
+from ctrflow.etl.stats import merge_columns, merge_moments, moments, std_from_moments, tree_reduce
 
 
 def fit_moments(columns: list[str], ddf: Any) -> Any:
@@ -23,10 +23,7 @@ def fit_moments(columns: list[str], ddf: Any) -> Any:
     def chunk(df: Any) -> dict[str, dict[str, float]]:
         return {c: moments(np.asarray(dispatch.to_numpy(dispatch.to_float(df[c])))) for c in columns}
 
-    def merge(a: dict, b: dict) -> dict:
-        return {c: merge_moments(a[c], b[c]) for c in a}
-
-    return tree_reduce(ddf[columns], chunk, merge)
+    return tree_reduce(ddf[columns], chunk, merge_columns(merge_moments))
 
 
 class Normalize(ColumnOp):

@@ -17,7 +17,7 @@ import numpy as np
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
 from ctrflow.etl.ops.bucketize import digitize_with_nulls
-from ctrflow.etl.stats import merge_sketches, sketch, sketch_quantiles, tree_reduce
+from ctrflow.etl.stats import merge_columns, merge_sketches, sketch, sketch_quantiles, tree_reduce
 
 
 class QuantileBucketize(ColumnOp):
@@ -42,7 +42,7 @@ class QuantileBucketize(ColumnOp):
         def chunk(df: Any) -> dict:
             return {c: sketch(np.asarray(dispatch.to_numpy(dispatch.to_float(df[c])))) for c in columns}
 
-        return tree_reduce(ddf[columns], chunk, lambda a, b: {c: merge_sketches(a[c], b[c]) for c in a})
+        return tree_reduce(ddf[columns], chunk, merge_columns(merge_sketches))
 
     def fit_finalize(self, computed: dict[str, Any]) -> None:
         qs = np.arange(1, self.num_bins) / self.num_bins

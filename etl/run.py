@@ -1,0 +1,363 @@
+"""Fit the ETL workflow and write a processed dataset: ``python etl/run.py``.
+
+With no ``--input`` it first generates the embedded Criteo-shaped synthetic click logs (see
+``ctrflow.etl.synthetic``), so a fresh checkout runs end to end without a download.
+
+Commands:
+    python etl/run.py                                    # synthetic data -> data/processed
+    python etl/run.py --input day_0.gz day_1.gz --format criteo --valid day_2.gz --output out/
+    python etl/run.py --input 'raw/*.parquet' --valid-fraction 0.05 --freq-threshold 15 \\
+        --auto-bins I1:20 --bucketize I2:0,1,10,100 --workers 2
+
+Layout written (atomically): OUT/train/part-*.parquet, OUT/valid/part-*.parquet, OUT/workflow/,
+OUT/schema.json. Categorical ids int32, continuous float32, label float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+if __package__ in (None, ""):  # `python etl/run.py`: drop etl/ from the path so no module shadows a library
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+DEFAULT_OUTPUT = os.path.join("data", "processed")
+DEFAULT_RAW = os.path.join("data", "raw")
+CRITEO_CONTS = ",".join(f"I{i}" for i in range(1, 14))
+CRITEO_CATS = ",".join(f"C{i}" for i in range(1, 27))
+
+log = logging.getLogger("ctrflow.etl")
+
+
+class UsageError(ValueError):
+    """A user error: printed as one line, exit code 2."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="etl/run.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("input")
+    src.add_argument("--input", nargs="+", help="files, globs or directories (default: generate synthetic data)")
+    src.add_argument("--format", choices=["parquet", "csv", "criteo"], default=None,
+                     help="input format (default: from the file names; criteo = tab-separated day files)")
+    src.add_argument("--cats", default=CRITEO_CATS, help="comma-separated categorical columns")
+    src.add_argument("--conts", default=CRITEO_CONTS, help="comma-separated continuous columns")
+    src.add_argument("--label", default="label", help="label column")
+    src.add_argument("--task", choices=["binary", "regression"], default="binary", help="what the label holds")
+    split = src.add_mutually_exclusive_group()
+    split.add_argument("--valid", nargs="+", help="validation files (fit uses the training input only)")
+    split.add_argument("--valid-fraction", type=float, default=None,
+                       help="random share of --input rows held out for validation (default 0.1)")
+    src.add_argument("--synthetic-rows", type=int, default=2_000_000, help="rows of generated data")
+    src.add_argument("--seed", type=int, default=0, help="seed of the generator and of the random split")
+    ops = p.add_argument_group("ops")
+    ops.add_argument("--freq-threshold", type=int, default=2, help="Categorify: keep values seen this often")
+    ops.add_argument("--num-buckets", type=int, default=None, help="Categorify: hash OOV values into N ids")
+    ops.add_argument("--max-size", type=int, default=0, help="Categorify: keep at most N values per column")
+    ops.add_argument("--bucketize", action="append", default=[], metavar="COL:b1,b2,...",
+                     help="add COL_bucket from fixed boundaries (repeatable)")
+    ops.add_argument("--auto-bins", action="append", default=[], metavar="COL:K",
+                     help="add COL_bin from K approximate-quantile buckets (repeatable)")
+    run = p.add_argument_group("execution")
+    run.add_argument("--output", default=DEFAULT_OUTPUT, help=f"processed dataset directory ({DEFAULT_OUTPUT})")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    run.add_argument("--engine", choices=["auto", "cpu", "gpu"], default="auto", help="pandas or cuDF")
+    cluster = run.add_mutually_exclusive_group()
+    cluster.add_argument("--scheduler", help="address of an existing Dask scheduler")
+    cluster.add_argument("--workers", type=int, help="start a local Dask cluster with N workers")
+    run.add_argument("--part-size", default=None, help="rows per partition (int) or bytes ('256MB')")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-cache", action="store_true",
+                     help="never keep the input in memory between fit and transform (it is, when under 1/4 of RAM)")
+    args = p.parse_args(argv)
+    if args.valid_fraction is not None and not 0 < args.valid_fraction < 1:
+        raise UsageError(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
+    if args.synthetic_rows < 100:
+        raise UsageError(f"--synthetic-rows must be >= 100, got {args.synthetic_rows}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.part_size is not None and args.part_size.isdigit():
+        args.part_size = int(args.part_size)
+    return args
+
+
+def _split_list(s: str) -> list[str]:
+    return [c.strip() for c in s.split(",") if c.strip()]
+
+
+def _col_spec(spec: str, flag: str) -> tuple[str, str]:
+    col, sep, rest = spec.partition(":")
+    if not sep or not col or not rest:
+        raise UsageError(f"{flag} expects COL:VALUES, got {spec!r}")
+    return col, rest
+
+
+def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str]) -> Any:
+    """The Criteo recipe: Categorify on cats; FillMissing -> Clip(0) -> LogOp -> Normalize on conts."""
+    from ctrflow.etl import Workflow
+    from ctrflow.etl.ops import (
+        Bucketize,
+        Categorify,
+        Clip,
+        FillMissing,
+        Label,
+        LogOp,
+        Normalize,
+        QuantileBucketize,
+        Rename,
+    )
+
+    graph = [args.label] >> Label(task=args.task)
+    if conts:
+        graph = graph + (conts >> FillMissing(0) >> Clip(min_value=0) >> LogOp() >> Normalize())
+    if cats:
+        graph = graph + (cats >> Categorify(args.freq_threshold, args.max_size, args.num_buckets))
+    for spec in args.bucketize:
+        col, values = _col_spec(spec, "--bucketize")
+        try:
+            bounds = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise UsageError(f"--bucketize {spec!r}: boundaries must be numbers") from None
+        graph = graph + ([col] >> Bucketize(bounds) >> Rename(postfix="_bucket"))
+    for spec in args.auto_bins:
+        col, k = _col_spec(spec, "--auto-bins")
+        if not k.isdigit() or int(k) < 2:
+            raise UsageError(f"--auto-bins {spec!r}: K must be an integer >= 2")
+        graph = graph + ([col] >> QuantileBucketize(int(k)) >> Rename(postfix="_bin"))
+    return Workflow(graph)
+
+
+@contextlib.contextmanager
+def dask_context(args: argparse.Namespace, backend: Any) -> Iterator[Any]:
+    """Dask config for the backend and, when asked, a distributed client (local or remote)."""
+    import dask
+
+    with dask.config.set({"dataframe.backend": backend.dask_backend, "dataframe.convert-string": False}):
+        if args.scheduler is None and args.workers is None:
+            yield None
+            return
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise UsageError("--scheduler/--workers need dask.distributed: pip install distributed") from None
+        if args.scheduler:
+            try:
+                client = Client(args.scheduler, timeout="5s")
+            except (OSError, TimeoutError) as e:
+                raise UsageError(f"cannot reach the Dask scheduler at {args.scheduler} ({e}); check the address") \
+                    from None
+            cluster = None
+        else:
+            if backend.name == "gpu":
+                from dask_cuda import LocalCUDACluster
+
+                cluster = LocalCUDACluster()
+            else:
+                cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True)
+            client = Client(cluster)
+        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        try:
+            yield client
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def _guess_format(paths: list[str]) -> str:
+    first = paths[0]
+    if first.endswith((".parquet", ".pq")) or os.path.isdir(first):
+        return "parquet"
+    if first.endswith((".csv", ".csv.gz")):
+        return "csv"
+    return "criteo"
+
+
+def prepare_input(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """Training and validation Datasets (generating synthetic data when no input is given)."""
+    from ctrflow.etl import Dataset
+
+    meta: dict[str, Any] = {}
+    if args.input is None:
+        from ctrflow.etl import synthetic
+
+        raw = os.path.join(DEFAULT_RAW, f"synthetic-{args.synthetic_rows}-seed{args.seed}")
+        meta_path = os.path.join(raw, "synthetic.json")
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            print(f"reusing synthetic data in {raw}", file=sys.stderr)
+        else:
+            t = time.perf_counter()
+            meta = synthetic.generate(raw, rows=args.synthetic_rows, seed=args.seed)
+            print(f"generated {args.synthetic_rows:,} synthetic rows in {raw} ({time.perf_counter() - t:.1f} s)",
+                  file=sys.stderr)
+        train = Dataset(os.path.join(raw, "train"), engine="parquet", part_size=args.part_size)
+        valid = Dataset(os.path.join(raw, "valid"), engine="parquet", part_size=args.part_size)
+        return train, valid, {"synthetic": meta}
+    fmt = args.format or _guess_format(args.input)
+    train = Dataset(args.input, engine=fmt, part_size=args.part_size)
+    if args.valid:
+        return train, Dataset(args.valid, engine=fmt, part_size=args.part_size), meta
+    return train, None, meta
+
+
+def _fits_in_memory(dataset: Any, share: float = 0.25) -> bool:
+    """True when the input's uncompressed size is under ``share`` of the machine's memory."""
+    size = dataset.estimated_bytes()
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return size is not None and size < share * ram
+
+
+def random_split(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Row-level random train / valid split, reproducible from ``seed`` (per partition)."""
+    import numpy as np
+    from ctrflow.etl import Dataset
+
+    ddf = dataset.to_ddf()
+
+    def take(df: Any, valid: bool, partition_info: dict | None = None) -> Any:
+        number = partition_info["number"] if partition_info else 0
+        u = np.random.default_rng([seed, number]).random(len(df))
+        return df[(u < fraction) if valid else (u >= fraction)]
+
+    return (Dataset(ddf.map_partitions(take, False, meta=ddf._meta)),
+            Dataset(ddf.map_partitions(take, True, meta=ddf._meta)))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole ETL; returns the summary it prints."""
+    from ctrflow.etl import dispatch
+    from ctrflow.etl.versions import library_versions
+    from ctrflow.etl.writer import atomic_dir, write_parquet
+
+    backend = dispatch.get_backend(args.engine)
+    cats, conts = _split_list(args.cats), _split_list(args.conts)
+    output = os.path.abspath(args.output)
+    if os.path.exists(output) and not args.overwrite:
+        raise UsageError(f"output {args.output} already exists: pass --overwrite to replace it")
+    with dask_context(args, backend), _progress(args, backend):
+        train, valid, meta = prepare_input(args)
+        t0 = time.perf_counter()
+        extra = [_col_spec(s, "--bucketize")[0] for s in args.bucketize]
+        extra += [_col_spec(s, "--auto-bins")[0] for s in args.auto_bins]
+        needed = [args.label, *conts, *cats, *extra]
+        train.check_columns(needed)
+        if train.num_rows == 0:
+            raise UsageError("the training input has no rows: check --input")
+        if valid is not None:
+            valid.check_columns(needed)
+        workflow = build_workflow(args, cats, conts)
+        t_fit = time.perf_counter()
+        if not args.no_cache and _fits_in_memory(train):
+            train = train.persist(needed)  # fit and transform then share one read of the input
+        if valid is None:
+            train, valid = random_split(train, args.valid_fraction or 0.1, args.seed)
+        workflow.fit(train)
+        fit_s = time.perf_counter() - t_fit
+        schema = workflow.output_schema()
+        dtypes = {c.name: c.dtype for c in schema.columns}
+        cat_out = [c.name for c in schema.columns if c.kind == "categorical"]
+        with atomic_dir(output, overwrite=args.overwrite) as tmp:
+            t_write = time.perf_counter()
+            train_files, valid_files = write_parquet(
+                [(workflow.transform(train).to_ddf(), os.path.join(tmp, "train")),
+                 (workflow.transform(valid).to_ddf(), os.path.join(tmp, "valid"))],
+                dtypes, count_ids=cat_out,
+            )
+            write_s = time.perf_counter() - t_write
+            rows = {"train": sum(f["rows"] for f in train_files), "valid": sum(f["rows"] for f in valid_files)}
+            if rows["train"] == 0:
+                raise UsageError("the training input has no rows: check --input")
+            workflow.meta = {"inputs": args.input or "synthetic", "format": args.format, "task": args.task}
+            workflow.save(os.path.join(tmp, "workflow"))
+            seconds = time.perf_counter() - t0
+            schema.metadata.update({
+                "rows": rows, "task": args.task, "versions": library_versions(), **meta,
+                "etl": {"seconds": round(seconds, 3), "fit_seconds": round(fit_s, 3),
+                        "transform_write_seconds": round(write_s, 3), "backend": backend.name},
+            })
+            schema.save(os.path.join(tmp, "schema.json"))
+    summary = _summary(schema, workflow, rows, train_files, valid_files, seconds, fit_s, write_s, backend.name)
+    summary["output"] = args.output
+    return summary
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, backend: Any) -> Iterator[None]:
+    if args.no_progress or args.scheduler or args.workers or not sys.stderr.isatty():
+        yield
+        return
+    from dask.diagnostics import ProgressBar
+
+    with ProgressBar(minimum=1.0, out=sys.stderr):
+        yield
+
+
+def _summary(schema, workflow, rows, train_files, valid_files, seconds, fit_s, write_s, backend) -> dict[str, Any]:
+    from ctrflow.etl.ops import Categorify
+
+    total = rows["train"] + rows["valid"]
+    cats = {}
+    fitted = {c: op.stats[c] for op in workflow.ops if isinstance(op, Categorify) for c in op.stats}
+    for col in schema.columns:
+        if col.kind != "categorical":
+            continue
+        vrows = max(rows["valid"], 1)
+        entry = {"cardinality": col.cardinality,
+                 "train_null_rate": sum(f["nulls"][col.name] for f in train_files) / rows["train"],
+                 "train_oov_rate": sum(f["oov"][col.name] for f in train_files) / rows["train"],
+                 "valid_null_rate": sum(f["nulls"][col.name] for f in valid_files) / vrows,
+                 "valid_oov_rate": sum(f["oov"][col.name] for f in valid_files) / vrows}
+        if col.name in fitted:
+            entry["distinct_in_fit"] = fitted[col.name]["distinct"]
+        cats[col.name] = entry
+    return {"rows": rows, "seconds": seconds, "fit_seconds": fit_s, "transform_write_seconds": write_s,
+            "rows_per_s": total / seconds if seconds else 0.0, "backend": backend, "categorical": cats}
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    r = s["rows"]
+    print(f"ETL ({s['backend']}): {r['train']:,} train + {r['valid']:,} valid rows -> {s['output']} "
+          f"in {s['seconds']:.2f} s ({s['rows_per_s']:,.0f} rows/s; fit {s['fit_seconds']:.2f} s, "
+          f"transform+write {s['transform_write_seconds']:.2f} s)")
+    print(f"{'column':>12} {'cardinality':>12} {'null% train':>11} {'OOV% train':>10} {'null% valid':>11} "
+          f"{'OOV% valid':>10}")
+    for name, c in s["categorical"].items():
+        print(f"{name:>12} {c['cardinality']:>12,} {100 * c['train_null_rate']:>11.2f} "
+              f"{100 * c['train_oov_rate']:>10.2f} {100 * c['valid_null_rate']:>11.2f} "
+              f"{100 * c['valid_oov_rate']:>10.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (2 for user errors, printed as one line)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from ctrflow.etl.ops import LabelError
+    from ctrflow.etl.readers import DatasetError
+    from ctrflow.etl.workflow import WorkflowError
+
+    try:
+        args = parse_args(argv)
+        summary = run(args)
+    except (UsageError, DatasetError, LabelError, WorkflowError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad op parameters (boundaries, thresholds) are user errors too
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Criteo-shaped synthetic click logs with a known click probability (the embedded default data set).
+
+``python etl/run.py`` without ``--input`` calls :func:`generate` first. The output looks like the
+Criteo display-ads logs: ``label`` (int8), ``I1..I13`` (int64, heavy-tailed counts with nulls, I2 with
+negatives), ``C1..C26`` (8-character hex strings, dictionary-encoded, with nulls). Rows are i.i.d.
+except for a drift in the validation split (the last ``valid_fraction`` of the rows).
+
+Because every label is drawn from a known probability, ``synthetic.json`` records the **oracle**:
+the AUC and logloss of the true probabilities on each split. No model can beat it on average; a
+model's validation AUC minus the oracle's says how much signal it left on the table.
+
+Click model (``logit = bias + sum of the terms below``, ``p = sigmoid(logit)``, label ~ Bernoulli(p)):
+
+* **Categorical main effects.** Column ``Cc`` draws a rank ``r`` from a Zipf law of exponent
+  ``s_c`` over ``K_c`` values (``K_c`` from 10 to 1,000,000) or null. Its effect is
+  ``a_c * z_c[r] * q_r / (q_r + Q0)`` with ``z_c[r] ~ N(0, 1)``, ``q_r`` the row frequency of the
+  rank and ``Q0 = 2e-4``: frequent values carry their full effect, values rarer than about one row in
+  5,000 fade to none, so what a model needs is learnable from ~1.8M rows while the long tail is
+  noise (as in real logs). Null is one more value with its own effect. Several columns have
+  ``a_c = 0`` (uninformative).
+* **One pairwise interaction**, ``C1`` x ``C8``: ``b * <u[r1], v[r8]> / 2`` with 4-dim Gaussian
+  factors faded the same way (the dot-product interaction DLRM models).
+* **Continuous effects** of ``t_j = log1p(max(I_j, 0))`` with missing read as ``t_j = 0``, exactly
+  what FillMissing(0) -> Clip(0) -> LogOp exposes: monotone ``beta_j * tanh((t_j - m_j) / w_j)``
+  or a bump ``beta_j * exp(-((t_j - m_j) / w_j)^2 / 2)``. Missing values thus carry the signal of
+  ``t = 0``; negative values of I2 carry no signal of their own.
+* **Drift.** In validation rows, a share of the high-cardinality columns' values (2-5%) come from a
+  fresh range of ids never seen in training; like tail values they have no effect. Tail values seen
+  in validation only add more unseen categories.
+
+The continuous columns share a latent "activity" factor, and I3/I4/I6/I13 and I1/I10 are missing
+together, as in Criteo. Everything is drawn in blocks of 65,536 rows from generators seeded by
+``(seed, block)``, so the data depends on ``seed``, ``rows`` and ``valid_fraction`` only, never on
+``part_rows``; the same arguments give byte-identical files.
+
+Example:
+    >>> meta = generate("data/synthetic", rows=20_000, seed=0)   # doctest: +SKIP
+    >>> meta["oracle"]["valid_auc"]                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+GENERATOR = "ctrflow.synthetic"
+VERSION = 1
+BLOCK_ROWS = 1 << 16
+Q0 = 2e-4  # row frequency at which a category carries half of its effect
+BIAS = -1.45  # sets the click rate near Criteo's ~25%
+INTERACTION = ("C1", "C8", 1.0, 4)  # columns, weight b, factor dim
+
+# name: (cardinality K, Zipf exponent s, null rate, effect scale a, validation drift share)
+CATEGORICAL = {
+    "C1": (1_460, 1.10, 0.0, 0.45, 0.0),
+    "C2": (583, 1.05, 0.0, 0.35, 0.0),
+    "C3": (1_000_000, 1.10, 0.034, 0.45, 0.05),
+    "C4": (500_000, 1.10, 0.034, 0.35, 0.05),
+    "C5": (305, 1.30, 0.0, 0.25, 0.0),
+    "C6": (24, 0.90, 0.04, 0.30, 0.0),
+    "C7": (12_517, 1.10, 0.0, 0.30, 0.02),
+    "C8": (633, 1.20, 0.0, 0.20, 0.0),
+    "C9": (10, 1.50, 0.0, 0.20, 0.0),
+    "C10": (93_145, 1.05, 0.0, 0.30, 0.03),
+    "C11": (5_683, 1.10, 0.0, 0.25, 0.02),
+    "C12": (800_000, 1.10, 0.034, 0.0, 0.05),
+    "C13": (3_194, 1.10, 0.0, 0.20, 0.02),
+    "C14": (27, 0.80, 0.0, 0.25, 0.0),
+    "C15": (14_992, 1.05, 0.0, 0.0, 0.02),
+    "C16": (400_000, 1.10, 0.034, 0.25, 0.05),
+    "C17": (10, 0.70, 0.0, 0.30, 0.0),
+    "C18": (5_652, 1.10, 0.0, 0.0, 0.02),
+    "C19": (2_173, 1.20, 0.44, 0.20, 0.02),
+    "C20": (12, 0.60, 0.44, 0.30, 0.0),
+    "C21": (700_000, 1.10, 0.034, 0.0, 0.05),
+    "C22": (18, 1.00 + 1e-3, 0.76, 0.25, 0.0),
+    "C23": (15, 0.90, 0.0, 0.30, 0.0),
+    "C24": (286_181, 1.10, 0.034, 0.25, 0.05),
+    "C25": (105, 1.20, 0.44, 0.25, 0.0),
+    "C26": (142_572, 1.10, 0.44, 0.0, 0.05),
+}
+# name: (mu, sigma of log count, corr. with activity, missing rate, missing group, shape, beta, width)
+# missing group 0 = independent; rows share a draw within groups 1 and 2.
+CONTINUOUS = {
+    "I1": (0.7, 1.2, 0.5, 0.45, 2, "tanh", 0.35, 1.0),
+    "I2": (1.4, 1.8, 0.3, 0.0, 0, "tanh", -0.25, 1.5),
+    "I3": (2.0, 1.3, 0.6, 0.21, 1, "bump", 0.30, 1.0),
+    "I4": (1.6, 1.0, 0.6, 0.22, 1, "tanh", 0.20, 1.0),
+    "I5": (7.9, 1.8, 0.4, 0.026, 0, "tanh", -0.30, 2.0),
+    "I6": (3.6, 1.5, 0.5, 0.22, 1, "tanh", 0.20, 1.5),
+    "I7": (1.6, 1.4, 0.7, 0.04, 0, "bump", -0.25, 1.2),
+    "I8": (2.2, 1.0, 0.3, 0.0005, 0, "tanh", 0.15, 1.0),
+    "I9": (3.7, 1.2, 0.6, 0.04, 0, "tanh", 0.0, 1.0),
+    "I10": (0.5, 0.7, 0.4, 0.45, 2, "tanh", 0.35, 0.6),
+    "I11": (0.7, 1.0, 0.7, 0.04, 0, "tanh", 0.30, 0.8),
+    "I12": (0.0, 1.0, 0.3, 0.77, 0, "tanh", 0.20, 0.8),
+    "I13": (1.6, 1.2, 0.6, 0.22, 1, "bump", 0.0, 1.0),
+}
+CATS = list(CATEGORICAL)
+CONTS = list(CONTINUOUS)
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
+
+
+def _zipf_rank(u: np.ndarray, k: int, s: float) -> np.ndarray:
+    """Inverse CDF of the density ~x^-s on [1, k+1): uniform [n] -> ranks [n] in [0, k)."""
+    e = 1.0 - s
+    x = (1.0 + u * ((k + 1.0) ** e - 1.0)) ** (1.0 / e)
+    return np.minimum(x.astype(np.int64) - 1, k - 1)
+
+
+def _zipf_freq(k: int, s: float) -> np.ndarray:
+    """Exact probability of each rank [k] under :func:`_zipf_rank`."""
+    e = 1.0 - s
+    edges = np.arange(1, k + 2, dtype=np.float64) ** e
+    return np.diff(edges) / ((k + 1.0) ** e - 1.0)
+
+
+def _fresh(k: int) -> int:
+    """Size of the validation-only id range of a column of cardinality ``k``."""
+    return max(1, k // 10)
+
+
+class _ClickModel:
+    """Per-column parameters drawn from the seed: effect tables, interaction factors, hex salts."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.effect: dict[str, np.ndarray] = {}  # [K + fresh + 1]; the last entry is null's effect
+        self.salt: dict[str, int] = {}
+        for c, name in enumerate(CATS):
+            k, s, null, a, _ = CATEGORICAL[name]
+            rng = _rng(seed, 1, c)
+            self.salt[name] = int(rng.integers(0, 2**32))
+            q = (1.0 - null) * _zipf_freq(k, s)
+            fade = q / (q + Q0)
+            eff = np.zeros(k + _fresh(k) + 1)
+            eff[:k] = a * rng.standard_normal(k) * fade
+            eff[-1] = a * rng.standard_normal() if null > 0 else 0.0
+            self.effect[name] = eff
+        c1, c2, _, dim = INTERACTION
+        rng = _rng(seed, 2)
+        self.factors = []
+        for name in (c1, c2):
+            k, s, null = CATEGORICAL[name][:3]
+            f = np.zeros((k + _fresh(k) + 1, dim))
+            q = (1.0 - null) * _zipf_freq(k, s)
+            f[:k] = rng.standard_normal((k, dim)) * (q / (q + Q0))[:, None]
+            self.factors.append(f)
+
+    def logit(self, cats: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """True logits [n] from category ids [26, n] (-1 = null) and ``t = log1p(max(I, 0))`` [13, n]."""
+        z = np.full(cats.shape[1], BIAS)
+        for c, name in enumerate(CATS):
+            if CATEGORICAL[name][3]:
+                z += self.effect[name][cats[c]]
+        c1, c2, b, dim = INTERACTION
+        u = self.factors[0][cats[CATS.index(c1)]]
+        v = self.factors[1][cats[CATS.index(c2)]]
+        z += (b / np.sqrt(dim)) * np.einsum("nd,nd->n", u, v)
+        for j, name in enumerate(CONTS):
+            _, _, _, _, _, shape, beta, width = CONTINUOUS[name]
+            if beta:
+                x = (t[j] - CONTINUOUS[name][0]) / width
+                z += beta * (np.tanh(x) if shape == "tanh" else np.exp(-0.5 * x * x))
+        return z
+
+    def block(self, b: int, n: int, train_rows: int) -> dict[str, np.ndarray]:
+        """Rows ``[b * BLOCK_ROWS, b * BLOCK_ROWS + n)``: label, ints, int mask, category ids, prob."""
+        rng = _rng(self.seed, 3, b)
+        # Continuous: a shared activity factor, lognormal-ish counts, grouped missingness.
+        act = rng.standard_normal(n)
+        eps = rng.standard_normal((len(CONTS), n))
+        miss_u = rng.random((len(CONTS) + 2, n))  # own draws, then groups 1 and 2
+        ints = np.empty((len(CONTS), n), dtype=np.int64)
+        missing = np.empty((len(CONTS), n), dtype=bool)
+        for j, name in enumerate(CONTS):
+            mu, sigma, rho, rate, group = CONTINUOUS[name][:5]
+            lat = mu + sigma * (rho * act + np.sqrt(1.0 - rho * rho) * eps[j])
+            ints[j] = np.floor(np.exp(np.minimum(lat, 20.0)))
+            missing[j] = miss_u[j if group == 0 else len(CONTS) + group - 1] < rate
+        # I2 is "count - 1" with a few -2/-3, like Criteo's.
+        j2 = CONTS.index("I2")
+        ints[j2] -= 1 + (eps[j2] > 2.8) + (eps[j2] > 3.1)
+        t = np.where(missing, 0.0, np.log1p(np.maximum(ints, 0)))
+        # Categorical: one uniform decides null or a Zipf rank.
+        u = rng.random((len(CATS), n))
+        cats = np.empty((len(CATS), n), dtype=np.int64)
+        for c, name in enumerate(CATS):
+            k, s, null = CATEGORICAL[name][:3]
+            cats[c] = np.where(u[c] < null, -1, _zipf_rank(np.maximum(u[c] - null, 0.0) / (1.0 - null), k, s))
+        start = b * BLOCK_ROWS
+        if start + n > train_rows:  # drift: validation rows take some ids from a fresh range
+            drng = _rng(self.seed, 4, b)
+            valid = np.arange(start, start + n) >= train_rows
+            for c, name in enumerate(CATS):
+                k, s, _, _, share = CATEGORICAL[name]
+                if share:
+                    dd = drng.random(n)
+                    new = valid & (dd < share) & (cats[c] >= 0)
+                    cats[c, new] = k + _zipf_rank(dd[new] / share, _fresh(k), s)
+        prob = 1.0 / (1.0 + np.exp(-self.logit(cats, t)))
+        label = (rng.random(n) < prob).astype(np.int8)
+        return {"label": label, "ints": ints, "missing": missing, "cats": cats, "prob": prob}
+
+
+def _rows(model: _ClickModel, rows: int, train_rows: int, sizes: list[int]) -> Iterator[dict]:
+    """Yields consecutive row ranges of the given sizes, generating each block once."""
+    pending: list[dict] = []
+    have = 0
+    b = 0
+    for size in sizes:
+        while have < size:
+            n = min(BLOCK_ROWS, rows - b * BLOCK_ROWS)
+            pending.append(model.block(b, n, train_rows))
+            have += n
+            b += 1
+        out = {k: np.concatenate([p[k] for p in pending], axis=-1) for k in pending[0]}
+        head = {k: v[..., :size] for k, v in out.items()}
+        rest = {k: v[..., size:] for k, v in out.items()}
+        pending, have = ([rest], have - size) if have > size else ([], 0)
+        yield head
+
+
+def _hex(ids: np.ndarray, salt: int) -> pa.Array:
+    """Distinct 8-char lowercase hex strings for distinct ids (a bijective 32-bit mix)."""
+    x = (ids.astype(np.uint64) + np.uint64(salt)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    nibbles = (x[:, None] >> np.arange(28, -1, -4, dtype=np.uint32)) & np.uint32(15)
+    data = _HEX[nibbles].tobytes()
+    offsets = np.arange(0, 8 * (len(ids) + 1), 8, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(ids), pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _table(model: _ClickModel, part: dict) -> pa.Table:
+    """One part as a table: C columns as DictionaryArrays over the ids this part uses."""
+    arrays = [pa.array(part["label"])]
+    for j in range(len(CONTS)):
+        arrays.append(pa.array(part["ints"][j], mask=part["missing"][j]))
+    for c, name in enumerate(CATS):
+        ids = part["cats"][c]
+        used = np.zeros(len(model.effect[name]), dtype=bool)
+        used[ids[ids >= 0]] = True
+        remap = (np.cumsum(used) - 1).astype(np.int32)
+        idx = pa.array(remap[ids], mask=ids < 0, type=pa.int32())
+        arrays.append(pa.DictionaryArray.from_arrays(idx, _hex(np.flatnonzero(used), model.salt[name])))
+    return pa.Table.from_arrays(arrays, names=["label", *CONTS, *CATS])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks [n] of x [n], ties sharing their average rank."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    first = np.r_[True, xs[1:] != xs[:-1]]
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(x)]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def auc(label: np.ndarray, score: np.ndarray) -> float:
+    """Exact ROC AUC (Mann-Whitney, ties count 1/2) of scores [n] for 0/1 labels [n]."""
+    pos = label.astype(bool)
+    n_pos = int(pos.sum())
+    n_neg = len(label) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = _ranks(np.asarray(score, dtype=np.float64))
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def logloss(label: np.ndarray, prob: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities [n] for 0/1 labels [n]."""
+    p = np.clip(prob, 1e-15, 1 - 1e-15)
+    return float(-np.mean(np.where(label.astype(bool), np.log(p), np.log1p(-p))))
+
+
+def _split_sizes(n: int, part_rows: int) -> list[int]:
+    """Near-equal part sizes, none above ``part_rows``."""
+    parts = max(1, -(-n // part_rows))
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def generate(
+    output_dir: str,
+    rows: int = 2_000_000,
+    seed: int = 0,
+    valid_fraction: float = 0.1,
+    part_rows: int = 500_000,
+) -> dict:
+    """Writes output_dir/train/part-00000.parquet..., output_dir/valid/part-*.parquet and output_dir/synthetic.json; returns the metadata dict.
+
+    Everything is written into a temporary directory next to ``output_dir`` that replaces it when
+    complete, so a crash leaves no half-written data set.
+
+    Args:
+        output_dir: destination directory (replaced if it exists).
+        rows: total rows, training plus validation.
+        seed: the data (and the click model) are a pure function of ``seed``, ``rows``, ``valid_fraction``.
+        valid_fraction: share of rows, taken from the end, that form the validation split.
+        part_rows: at most this many rows per parquet file (one row group per file).
+
+    Returns:
+        The metadata written to ``synthetic.json``: generator, seed, row counts, columns,
+        cardinalities, click rates, unseen-category shares and the ``oracle`` metrics.
+    """
+    valid_rows = int(round(rows * valid_fraction))
+    train_rows = rows - valid_rows
+    if train_rows < 1 or valid_rows < 1 or part_rows < 1:
+        raise ValueError(
+            f"need at least one training and one validation row and part_rows >= 1 "
+            f"(rows={rows}, valid_fraction={valid_fraction}, part_rows={part_rows})"
+        )
+    model = _ClickModel(seed)
+    out = os.path.abspath(output_dir)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        splits = {"train": _split_sizes(train_rows, part_rows), "valid": _split_sizes(valid_rows, part_rows)}
+        seen = {name: np.zeros(len(model.effect[name]), dtype=bool) for name in CATS}
+        unseen = dict.fromkeys(CATS, 0)
+        valid_nonnull = dict.fromkeys(CATS, 0)
+        labels: dict[str, list] = {"train": [], "valid": []}
+        probs: dict[str, list] = {"train": [], "valid": []}
+        files: dict[str, list] = {"train": [], "valid": []}
+        stream = _rows(model, rows, train_rows, splits["train"] + splits["valid"])
+        for split, sizes in splits.items():
+            os.makedirs(os.path.join(tmp, split))
+            for i in range(len(sizes)):
+                part = next(stream)
+                for c, name in enumerate(CATS):
+                    ids = part["cats"][c]
+                    ids = ids[ids >= 0]
+                    if split == "train":
+                        seen[name][ids] = True
+                    else:
+                        unseen[name] += int((~seen[name][ids]).sum())
+                        valid_nonnull[name] += len(ids)
+                labels[split].append(part["label"])
+                probs[split].append(part["prob"])
+                rel = f"{split}/part-{i:05d}.parquet"
+                pq.write_table(
+                    _table(model, part),
+                    os.path.join(tmp, rel),
+                    row_group_size=len(part["label"]),
+                    dictionary_pagesize_limit=16 << 20,
+                )
+                files[split].append(rel)
+        y = {s: np.concatenate(v) for s, v in labels.items()}
+        p = {s: np.concatenate(v) for s, v in probs.items()}
+        meta = {
+            "generator": GENERATOR,
+            "version": VERSION,
+            "seed": seed,
+            "rows": rows,
+            "train_rows": train_rows,
+            "valid_rows": valid_rows,
+            "valid_fraction": valid_fraction,
+            "columns": {"label": "label", "continuous": CONTS, "categorical": CATS},
+            "cardinalities": {name: CATEGORICAL[name][0] for name in CATS},
+            "train_unique": {name: int(seen[name].sum()) for name in CATS},
+            "valid_unseen_share": {
+                name: unseen[name] / max(1, valid_nonnull[name]) for name in CATS
+            },
+            "ctr": {s: float(y[s].mean()) for s in y},
+            "oracle": {
+                "valid_auc": auc(y["valid"], p["valid"]),
+                "valid_logloss": logloss(y["valid"], p["valid"]),
+                "train_auc": auc(y["train"], p["train"]),
+                "train_logloss": logloss(y["train"], p["train"]),
+            },
+            "files": files,
+        }
+        with open(os.path.join(tmp, "synthetic.json.tmp"), "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(os.path.join(tmp, "synthetic.json.tmp"), os.path.join(tmp, "synthetic.json"))
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _swap_in(tmp: str, out: str) -> None:
+    """Rename the finished ``tmp`` to ``out``, moving an existing ``out`` aside first."""
+    if not os.path.exists(out):
+        os.rename(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    os.rename(out, os.path.join(old, "d"))
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,230 @@
+"""`python etl/run.py`: end to end on small generated input, and every bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ctrflow.etl.run import main
+from ctrflow.etl.schema import Schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _raw_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"label": rng.integers(0, 2, n).astype(np.int8)})
+    for i in range(1, 4):
+        v = rng.integers(-2, 1000, n).astype(float)
+        v[rng.random(n) < 0.1] = np.nan
+        df[f"I{i}"] = pd.array(v, dtype="Int64") if i != 2 else v
+    for i in range(1, 4):
+        vals = np.array([f"{k:08x}" for k in rng.zipf(1.5, n) % (10**i)], dtype=object)
+        vals[rng.random(n) < 0.05] = None
+        df[f"C{i}"] = vals
+    return df
+
+
+@pytest.fixture
+def raw_parquet(tmp_path):
+    d = tmp_path / "raw"
+    d.mkdir()
+    df = _raw_frame(3000)
+    pq.write_table(pa.Table.from_pandas(df.iloc[:2000], preserve_index=False), d / "a.parquet")
+    pq.write_table(pa.Table.from_pandas(df.iloc[2000:], preserve_index=False), d / "b.parquet")
+    return d, df
+
+
+ARGS = ["--cats", "C1,C2,C3", "--conts", "I1,I2,I3", "--no-progress"]
+
+
+def _no_leftovers(parent) -> None:
+    left = [p for p in os.listdir(parent) if ".tmp-" in p]
+    assert not left, f"temporary output left behind: {left}"
+
+
+def test_cli_parquet_end_to_end(raw_parquet, tmp_path, capsys):
+    raw, df = raw_parquet
+    out = tmp_path / "out"
+    assert main(["--input", str(raw), "--output", str(out), "--valid-fraction", "0.2", *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "rows/s" in printed and "C1" in printed
+    schema = Schema.load(out)
+    assert schema.categorical == ["C1", "C2", "C3"]
+    assert schema.continuous == ["I1", "I2", "I3"]
+    assert schema.label == ["label"]
+    train = pd.read_parquet(out / "train")
+    valid = pd.read_parquet(out / "valid")
+    assert len(train) + len(valid) == len(df) == schema.metadata["rows"]["train"] + schema.metadata["rows"]["valid"]
+    assert 0.1 < len(valid) / len(df) < 0.3
+    for c in schema.categorical:
+        card = schema[c].cardinality
+        assert train[c].dtype == np.int32 and valid[c].dtype == np.int32
+        assert train[c].min() >= 1 and train[c].max() < card and valid[c].max() < card
+    for c in schema.continuous:
+        assert train[c].dtype == np.float32
+        assert abs(float(train[c].mean())) < 1e-3  # normalized on the training split
+    assert set(np.unique(np.concatenate([train.label, valid.label]))) <= {0.0, 1.0}
+    # the label multiset is preserved by the split
+    assert np.sort(np.concatenate([train.label, valid.label])).tolist() == np.sort(df.label.astype(float)).tolist()
+    assert os.path.exists(out / "workflow" / "workflow.json")
+    _no_leftovers(tmp_path)
+
+
+def test_cli_categorify_matches_pandas_reference(raw_parquet, tmp_path):
+    raw, df = raw_parquet
+    out = tmp_path / "out"
+    assert main(["--input", str(raw / "a.parquet"), "--valid", str(raw / "b.parquet"), "--output", str(out),
+                 "--freq-threshold", "3", *ARGS]) == 0
+    train = pd.read_parquet(out / "train")
+    valid = pd.read_parquet(out / "valid")
+    fit = df.iloc[:2000]
+    for c in ["C1", "C2", "C3"]:
+        vc = fit[c].value_counts()
+        kept = vc[vc >= 3].reset_index()
+        kept.columns = ["value", "count"]
+        kept = kept.sort_values(["count", "value"], ascending=[False, True])
+        ids = {v: i + 3 for i, v in enumerate(kept["value"])}
+
+        def expect(s):
+            return [1 if pd.isna(v) else ids.get(v, 2) for v in s]
+
+        assert train[c].tolist() == expect(fit[c])
+        assert valid[c].tolist() == expect(df.iloc[2000:][c])
+
+
+def test_cli_criteo_gz_and_bucket_flags(tmp_path):
+    rng = np.random.default_rng(1)
+    lines = []
+    for _ in range(500):
+        ints = ["" if rng.random() < 0.2 else str(rng.integers(-1, 500)) for _ in range(13)]
+        cats = ["" if rng.random() < 0.1 else f"{rng.integers(0, 50):08x}" for _ in range(26)]
+        lines.append("\t".join([str(rng.integers(0, 2)), *ints, *cats]))
+    import gzip
+
+    with gzip.open(tmp_path / "day_0.gz", "wt") as f:
+        f.write("\n".join(lines[:400]) + "\n")
+    (tmp_path / "day_1").write_text("\n".join(lines[400:]) + "\n")
+    out = tmp_path / "out"
+    code = main(["--input", str(tmp_path / "day_0.gz"), "--valid", str(tmp_path / "day_1"), "--format", "criteo",
+                 "--output", str(out), "--bucketize", "I1:0,10,100", "--auto-bins", "I3:4", "--no-progress"])
+    assert code == 0
+    schema = Schema.load(out)
+    assert len(schema.categorical) == 28 and len(schema.continuous) == 13
+    assert schema["I1_bucket"].cardinality == 5 and schema["I3_bin"].cardinality <= 5
+    train = pd.read_parquet(out / "train")
+    assert len(train) == 400 and len(pd.read_parquet(out / "valid")) == 100
+    raw_i1 = [ln.split("\t")[1] for ln in lines[:400]]
+    expect = [4 if v == "" else int(np.digitize(int(v), [0, 10, 100])) for v in raw_i1]
+    assert train["I1_bucket"].tolist() == expect
+
+
+def test_cli_synthetic_default_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--synthetic-rows", "5000", "--no-progress"]) == 0
+    schema = Schema.load(tmp_path / "data" / "processed")
+    oracle = schema.metadata["synthetic"]["oracle"]
+    assert 0.5 < oracle["valid_auc"] < 1.0
+    assert schema.metadata["rows"]["train"] + schema.metadata["rows"]["valid"] == 5000
+    assert main(["--synthetic-rows", "5000", "--no-progress"]) == 2  # exists without --overwrite
+    assert main(["--synthetic-rows", "5000", "--no-progress", "--overwrite"]) == 0
+
+
+def _bad(tmp_path, argv, capsys, needle):
+    out = tmp_path / "bad-out"
+    code = main([*argv, "--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert last and needle in last[-1], err
+    assert "Traceback" not in err
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+def test_bad_missing_input(tmp_path, capsys):
+    _bad(tmp_path, ["--input", str(tmp_path / "nope.parquet")], capsys, "does not exist")
+
+
+def test_bad_empty_inputs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _bad(tmp_path, ["--input", str(tmp_path / "empty")], capsys, "no parquet files")
+    (tmp_path / "zero.csv").write_text("")
+    _bad(tmp_path, ["--input", str(tmp_path / "zero.csv")], capsys, "empty")
+    pq.write_table(pa.Table.from_pandas(_raw_frame(10).iloc[:0], preserve_index=False), tmp_path / "z.parquet")
+    _bad(tmp_path, ["--input", str(tmp_path / "z.parquet"), *ARGS], capsys, "no rows")
+
+
+def test_bad_corrupt_parquet(tmp_path, raw_parquet, capsys):
+    raw, _ = raw_parquet
+    (raw / "c.parquet").write_bytes(b"PAR1 this is not parquet")
+    _bad(tmp_path, ["--input", str(raw), *ARGS], capsys, "c.parquet")
+    data = (raw / "a.parquet").read_bytes()
+    (raw / "c.parquet").write_bytes(data[: len(data) // 2])
+    _bad(tmp_path, ["--input", str(raw), *ARGS], capsys, "c.parquet")
+
+
+def test_bad_missing_column(tmp_path, raw_parquet, capsys):
+    raw, _ = raw_parquet
+    _bad(tmp_path, ["--input", str(raw), "--cats", "C1,NOPE", "--conts", "I1"], capsys, "NOPE")
+
+
+@pytest.mark.parametrize("value", [2, np.nan])
+def test_bad_label_values(tmp_path, value, capsys):
+    df = _raw_frame(300)
+    df["label"] = df["label"].astype(float)
+    df.loc[17, "label"] = value
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "in.parquet")
+    _bad(tmp_path, ["--input", str(tmp_path / "in.parquet"), *ARGS], capsys, "label")
+
+
+def test_bad_flags(tmp_path, raw_parquet, capsys):
+    raw, _ = raw_parquet
+    _bad(tmp_path, ["--input", str(raw), "--valid-fraction", "1.5", *ARGS], capsys, "--valid-fraction")
+    _bad(tmp_path, ["--input", str(raw), "--bucketize", "I1:3,1", *ARGS], capsys, "increasing")
+    _bad(tmp_path, ["--input", str(raw), "--auto-bins", "I1", *ARGS], capsys, "--auto-bins")
+
+
+def test_bad_output_exists(tmp_path, raw_parquet, capsys):
+    raw, _ = raw_parquet
+    out = tmp_path / "bad-out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["--input", str(raw), "--output", str(out), "--no-progress", *ARGS]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_bad_unreachable_scheduler(tmp_path, raw_parquet, capsys):
+    pytest.importorskip("distributed")
+    raw, _ = raw_parquet
+    _bad(tmp_path, ["--input", str(raw), "--scheduler", "tcp://127.0.0.1:9", *ARGS], capsys, "scheduler")
+
+
+def test_script_runs_from_repo_root(tmp_path):
+    """`python etl/run.py --help` from the repository root (no module shadowing)."""
+    r = subprocess.run([sys.executable, "etl/run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--freq-threshold" in r.stdout
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, raw_parquet, monkeypatch):
+    """A failure mid-write leaves neither the output nor a temporary directory."""
+    raw, _ = raw_parquet
+    import ctrflow.etl.writer as writer
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write_partition", boom)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--input", str(raw), "--output", str(out), "--no-progress", *ARGS])
+    assert not out.exists()
+    _no_leftovers(tmp_path)
