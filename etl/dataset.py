@@ -125,7 +125,7 @@ class Dataset:
                 self._names, self._convert = readers.CRITEO_COLUMNS, readers.criteo_convert_options()
             else:
                 self._names, self._convert = readers.csv_header_and_types(self.files[0])
-            self._meta = readers.arrow_to_pandas(readers.empty_table(self._names, self._convert))
+            self._meta = readers.arrow_to_frame(readers.empty_table(self._names, self._convert))
         self.check_columns(self.columns or [])
 
     @property

@@ -91,6 +91,20 @@ def get_backend(engine: str = "auto") -> Backend:
     return backend
 
 
+def current_backend_name() -> str:
+    """``"gpu"`` while Dask's ``dataframe.backend`` is cudf (set by the ETL for a GPU run)."""
+    import dask
+
+    return "gpu" if dask.config.get("dataframe.backend", "pandas") == "cudf" else "cpu"
+
+
+def frame_from_arrow(table: pa.Table) -> Any:
+    """A cudf DataFrame from an arrow table (dictionary columns become categoricals)."""
+    import cudf
+
+    return cudf.DataFrame.from_arrow(table)
+
+
 def is_gpu_object(obj: Any) -> bool:
     """True for cudf / cupy objects (checked by module name, so cudf need not be imported)."""
     return type(obj).__module__.split(".")[0] in ("cudf", "cupy")

@@ -13,11 +13,13 @@ from __future__ import annotations
 import gzip
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from ctrflow.etl import dispatch
 
 CRITEO_CONTS = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATS = [f"C{i}" for i in range(1, 27)]
@@ -63,13 +65,20 @@ def normalize_arrow(table: pa.Table) -> pa.Table:
     return table
 
 
-def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
-    """Arrow table to an arrow-backed pandas DataFrame with the shared dtypes (see module doc)."""
-    return normalize_arrow(table).to_pandas(types_mapper=pd.ArrowDtype, split_blocks=True)
+def arrow_to_frame(table: pa.Table) -> Any:
+    """Arrow table to the current backend's frame with the shared dtypes (see module doc).
+
+    pandas: arrow-backed columns (zero copy); cudf (Dask's ``dataframe.backend`` = cudf): a device
+    frame built by the dispatch module.
+    """
+    table = normalize_arrow(table)
+    if dispatch.current_backend_name() == "gpu":
+        return dispatch.frame_from_arrow(table)
+    return table.to_pandas(types_mapper=pd.ArrowDtype, split_blocks=True)
 
 
-def meta_from_schema(schema: pa.Schema) -> pd.DataFrame:
-    return arrow_to_pandas(schema.empty_table())
+def meta_from_schema(schema: pa.Schema) -> Any:
+    return arrow_to_frame(schema.empty_table())
 
 
 # ---- parquet --------------------------------------------------------------------------------
@@ -110,7 +119,7 @@ def read_parquet_piece(piece: Piece, columns: list[str] | None) -> pd.DataFrame:
         table = pf.read_row_groups(list(piece.row_groups), columns=columns, use_threads=True)
     except Exception as e:
         raise DatasetError(f"cannot read {piece.path} (row groups {list(piece.row_groups)}): {e}") from None
-    return arrow_to_pandas(table)
+    return arrow_to_frame(table)
 
 
 # ---- CSV and Criteo TSV -----------------------------------------------------------------------
@@ -188,7 +197,7 @@ def read_text_piece(
             raise DatasetError(f"cannot parse {piece.path} as {fmt}: {e}") from None
     if columns is not None:
         table = table.select(columns)
-    return arrow_to_pandas(table)
+    return arrow_to_frame(table)
 
 
 def empty_table(names: list[str], convert: pacsv.ConvertOptions) -> pa.Table:

@@ -11,7 +11,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from ctrflow.etl.run import main
 from ctrflow.etl.schema import Schema
 
@@ -93,7 +92,7 @@ def test_cli_categorify_matches_pandas_reference(raw_parquet, tmp_path):
         kept = kept.sort_values(["count", "value"], ascending=[False, True])
         ids = {v: i + 3 for i, v in enumerate(kept["value"])}
 
-        def expect(s):
+        def expect(s, ids=ids):
             return [1 if pd.isna(v) else ids.get(v, 2) for v in s]
 
         assert train[c].tolist() == expect(fit[c])
