@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 log = logging.getLogger("ctrflow.etl")
 
@@ -132,6 +133,15 @@ def to_arrow(series: Any) -> pa.Array:
     return arr
 
 
+def nan_to_null(arr: pa.Array) -> pa.Array:
+    """Floating NaN as null, so parquet NaNs encode and hash like pandas' missing values."""
+    if pa.types.is_floating(arr.type):
+        nan = pc.is_nan(arr)
+        if pc.any(nan).as_py():
+            return pc.if_else(nan, pa.scalar(None, arr.type), arr)
+    return arr
+
+
 def series_like(like: Any, values: Any, name: str | None = None) -> Any:
     """A Series of the same library and index as ``like`` holding ``values``."""
     if is_gpu_object(like):
@@ -159,7 +169,7 @@ def factorize(series: Any) -> tuple[np.ndarray, pa.Array]:
     if isinstance(series.dtype, pd.CategoricalDtype):
         cats = series.cat.categories
         return series.cat.codes.to_numpy(), pa.Array.from_pandas(cats)
-    arr = to_arrow(series)
+    arr = nan_to_null(to_arrow(series))
     if pa.types.is_dictionary(arr.type):
         enc = arr
     else:
@@ -172,6 +182,10 @@ def factorize(series: Any) -> tuple[np.ndarray, pa.Array]:
 def to_float(series: Any) -> Any:
     """A float64 array (numpy or cupy) of a numeric Series, NaN for nulls."""
     dtype = series.dtype
+    if not is_gpu_object(series) and not isinstance(dtype, pd.ArrowDtype) and not (
+        pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+    ):
+        raise TypeError(f"column {series.name!r} holds {dtype}: a numeric op needs numbers")
     if isinstance(dtype, pd.CategoricalDtype) or str(dtype) == "category" or (
         isinstance(dtype, pd.ArrowDtype) and not (pa.types.is_integer(dtype.pyarrow_dtype)
                                                   or pa.types.is_floating(dtype.pyarrow_dtype))

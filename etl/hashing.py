@@ -6,7 +6,7 @@ The hash is 64-bit FNV-1a (offset basis 0xcbf29ce484222325, prime 0x100000001b3)
 - integers (and booleans): the 8 bytes of the value as little-endian int64 (two's complement);
 - floats: the 8 bytes of the value as little-endian float64 (an integral float hashes as its
   integer, so ``3`` and ``3.0`` land in the same bucket whichever dtype a file was read with);
-- null: the 8 bytes of ``0xffffffffffffffff`` prefixed with the byte 0xff (distinct from any value).
+- null (and a float NaN): the 8 bytes of ``0xffffffffffffffff`` prefixed with the byte 0xff (distinct from any value).
 
 A bucket is ``hash % num_buckets``. Crosses combine per-column hashes with
 ``h = (h ^ h_col) * prime`` starting from the offset basis, in column order. Only numpy (or cupy)
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from ctrflow.etl.dispatch import nan_to_null
 
 OFFSET = np.uint64(0xCBF29CE484222325)
 PRIME = np.uint64(0x100000001B3)
@@ -82,6 +83,7 @@ def hash_values(values: Any) -> np.ndarray:
     arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, from_pandas=True)
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    arr = nan_to_null(arr)  # a float NaN is a missing value, as in pandas
     if pa.types.is_dictionary(arr.type):
         codes = arr.indices.fill_null(-1).to_numpy(zero_copy_only=False)
         dict_hash = np.append(hash_values(arr.dictionary), null_hash())

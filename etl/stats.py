@@ -48,7 +48,7 @@ def moments(values: np.ndarray) -> dict[str, float]:
     """Moments of the non-NaN entries of a 1-D float array."""
     v = values[~np.isnan(values)]
     if v.size == 0:
-        return {"count": 0, "mean": 0.0, "m2": 0.0, "min": float("inf"), "max": float("-inf")}
+        return {"count": 0, "mean": 0.0, "m2": 0.0, "min": None, "max": None}  # None, not inf: strict JSON
     mean = float(v.mean())
     return {
         "count": int(v.size),

@@ -135,7 +135,7 @@ class Workflow:
         dataset.check_columns(self.input_columns)
         ddf = dataset.to_ddf(self.input_columns)
         schema = self.output_schema()
-        evaluator = _Evaluator([self.output_node], {c.name: c.dtype for c in schema.columns})
+        evaluator = _Evaluator([self.output_node], {c.name: c.dtype for c in schema.columns if c.kind != "other"})
         out = ddf.map_partitions(evaluator, meta=evaluator(ddf._meta))
         return Dataset(out, schema=schema)
 
@@ -220,6 +220,15 @@ class Workflow:
         if diff:
             warnings.warn(f"workflow saved with other library versions {diff}; ids are stable, stats may differ",
                           stacklevel=2)
+        try:
+            return cls._from_doc(path, doc)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            if isinstance(e, WorkflowError):
+                raise
+            raise WorkflowError(f"{doc_path} does not describe a valid workflow ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_doc(cls, path: str, doc: dict[str, Any]) -> Workflow:
         tables = doc.get("tables", {})
 
         def build(d: dict[str, Any]) -> Operator:

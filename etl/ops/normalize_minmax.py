@@ -30,7 +30,9 @@ class NormalizeMinMax(ColumnOp):
 
     def transform_column(self, name: str, series: Any) -> Any:
         m = self.stats[name]
-        span = m["max"] - m["min"]
         x = dispatch.to_float(series)
-        y = (x - m["min"]) / span if span > 0 and np.isfinite(span) else x * 0.0
+        if m["count"] == 0 or not m["max"] > m["min"]:
+            y = x * 0.0  # constant or all-null column
+        else:
+            y = (x - m["min"]) / (m["max"] - m["min"])
         return dispatch.series_like(series, y.astype(np.float32), name=name)
