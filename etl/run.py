@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ops = p.add_argument_group("ops")
     ops.add_argument("--freq-threshold", type=int, default=2, help="Categorify: keep values seen this often")
     ops.add_argument("--num-buckets", type=int, default=None, help="Categorify: hash OOV values into N ids")
-    ops.add_argument("--max-size", type=int, default=0, help="Categorify: keep at most N values per column")
+    ops.add_argument("--max-size", type=int, default=0, help="Categorify: cap each cardinality at N (reserved ids included)")
     ops.add_argument("--bucketize", action="append", default=[], metavar="COL:b1,b2,...",
                      help="add COL_bucket from fixed boundaries (repeatable)")
     ops.add_argument("--auto-bins", action="append", default=[], metavar="COL:K",

@@ -79,20 +79,23 @@ def hash_ref(v) -> int:
     return fnv1a64(struct.pack("<d", v))
 
 
-def vocab_ref(fit: pd.Series, freq_threshold: int = 0, max_size: int = 0) -> list:
-    """Kept values in id order: count descending, then value ascending."""
+def vocab_ref(fit: pd.Series, freq_threshold: int = 0, max_size: int = 0, num_buckets: int | None = None) -> list:
+    """Kept values in id order: count descending, then value ascending.
+
+    ``max_size`` is NVTabular's: the whole cardinality, reserved ids included.
+    """
     counts: dict = {}
     for v in fit:
         if not pd.isna(v):
             counts[v] = counts.get(v, 0) + 1
     kept = [v for v, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= max(freq_threshold, 1)]
-    return kept[:max_size] if max_size else kept
+    return kept[: max_size - 2 - (num_buckets or 1)] if max_size else kept
 
 
 def categorify_ref(fit: pd.Series, apply: pd.Series, freq_threshold: int = 0, max_size: int = 0,
                    num_buckets: int | None = None) -> np.ndarray:
     """NVTabular 23.08 ids: 1 null, 2 (or 2 + hash % nb) OOV, then by count desc, value asc."""
-    kept = vocab_ref(fit, freq_threshold, max_size)
+    kept = vocab_ref(fit, freq_threshold, max_size, num_buckets)
     first = 2 + (num_buckets or 1)
     ids = {v: first + k for k, v in enumerate(kept)}
     out = []
@@ -140,7 +143,7 @@ CAT_PARAMS = [
     {},
     {"freq_threshold": 3},
     {"max_size": 5},
-    {"freq_threshold": 2, "max_size": 4, "num_buckets": 7},
+    {"freq_threshold": 2, "max_size": 12, "num_buckets": 7},
     {"num_buckets": 3},
     {"freq_threshold": 1000},  # nothing kept: every value is OOV
 ]
@@ -161,7 +164,8 @@ def test_categorify_matches_reference_with_unseen_values(col, params):
         got = wf.transform(Dataset(apply, part_size=50)).compute()[col]
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got.to_numpy(), categorify_ref(fit_df[col], apply[col], **params))
-    kept = vocab_ref(fit_df[col], params.get("freq_threshold", 0), params.get("max_size", 0))
+    kept = vocab_ref(fit_df[col], params.get("freq_threshold", 0), params.get("max_size", 0),
+                     params.get("num_buckets"))
     assert op.vocabs[col]["value"].to_pylist() == kept
     card = 2 + (params.get("num_buckets") or 1) + len(kept)
     assert op.cardinality(col) == card
@@ -429,7 +433,7 @@ def all_ops_graph():
     """One graph exercising every op on its own columns (renames keep the outputs distinct)."""
     return (
         (["s", "i"] >> Categorify(freq_threshold=2))
-        + (["t"] >> Categorify(max_size=3, num_buckets=4) >> Rename(postfix="_c"))
+        + (["t"] >> Categorify(max_size=9, num_buckets=4) >> Rename(postfix="_c"))
         + (["x"] >> Normalize())
         + (["x"] >> NormalizeMinMax() >> Rename(postfix="_mm"))
         + (["f"] >> FillMissing(fill_val="median", add_binary_cols=True))
@@ -450,7 +454,7 @@ def all_ops_reference(df: pd.DataFrame) -> dict[str, np.ndarray]:
     return {
         "s": categorify_ref(df["s"], df["s"], freq_threshold=2),
         "i": categorify_ref(df["i"], df["i"], freq_threshold=2),
-        "t_c": categorify_ref(df["t"], df["t"], max_size=3, num_buckets=4),
+        "t_c": categorify_ref(df["t"], df["t"], max_size=9, num_buckets=4),
         "x": (x - np.nanmean(x)) / np.nanstd(x, ddof=1),
         "x_mm": (x - np.nanmin(x)) / (np.nanmax(x) - np.nanmin(x)),
         "f": np.where(np.isnan(f), med, f),
@@ -580,3 +584,17 @@ def test_stats_do_not_depend_on_partitioning(frame, tmp_path):
     for other in (many, parquet, empties):
         assert_stats_equal(reference, fitted_stats(other))
         assert get_embedding_sizes(other) == get_embedding_sizes(one)
+
+
+def test_categorify_max_size_is_total_cardinality_like_nvtabular():
+    """NVTabular 23.08: max_size=5 keeps 2 values (ids 3, 4); with num_buckets=2, max_size=7 keeps 3."""
+    df = pd.DataFrame({"c": list("aaaabbbccd")})
+    wf = Workflow(["c"] >> Categorify(max_size=5))
+    out = wf.fit_transform(Dataset(df)).compute()["c"].tolist()
+    assert out == [3, 3, 3, 3, 4, 4, 4, 2, 2, 2]
+    assert get_embedding_sizes(wf)["c"][0] == 5
+    wf = Workflow(["c"] >> Categorify(max_size=7, num_buckets=2))
+    wf.fit(Dataset(df))
+    assert get_embedding_sizes(wf)["c"][0] == 7
+    with pytest.raises(ValueError, match="max_size"):
+        Categorify(max_size=3, num_buckets=2)

@@ -52,7 +52,7 @@ def every_op_graph() -> Node:
     """All op kinds, incl. a Categorify that keeps nothing and renamed categoricals."""
     return (
         (["s", "i"] >> Categorify(freq_threshold=3, num_buckets=3))
-        + (["t"] >> Categorify(max_size=2) >> Rename(mapping={"t": "t_id"}))
+        + (["t"] >> Categorify(max_size=5) >> Rename(mapping={"t": "t_id"}))
         + (["t"] >> Categorify(freq_threshold=10**6) >> Rename(postfix="_none"))
         + (["x"] >> FillMissing(fill_val="median", add_binary_cols=True) >> Normalize())
         + (["q"] >> Clip(min_value=0.5, max_value=8) >> LogOp() >> NormalizeMinMax() >> Rename(postfix="_mm"))

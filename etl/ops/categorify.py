@@ -35,7 +35,9 @@ class Categorify(Operator):
 
     Args:
         freq_threshold: keep values seen at least this many times in the fit data (0 or 1 keeps all).
-        max_size: keep at most this many values (the most frequent); 0 = no limit.
+        max_size: NVTabular's cap on the whole cardinality, reserved ids included: keeps the
+            ``max_size - 2 - (num_buckets or 1)`` most frequent values; 0 = no limit. Unlike
+            NVTabular, it may be combined with ``freq_threshold`` (both apply).
         num_buckets: hash OOV values into this many ids instead of the single id 2.
     """
 
@@ -49,6 +51,9 @@ class Categorify(Operator):
         self.freq_threshold = int(freq_threshold)
         self.max_size = int(max_size)
         self.num_buckets = num_buckets
+        if self.max_size and self.max_size < self.first_kept_id:
+            raise ValueError(f"Categorify max_size={max_size} is below the {self.first_kept_id} reserved ids "
+                             f"(padding, null, {num_buckets or 1} OOV): use max_size >= {self.first_kept_id}")
         self.stats: dict[str, dict[str, Any]] | None = None
         self.vocabs: dict[str, pa.Table] = {}
         self._lookup: dict[str, pa.Array] = {}
@@ -71,7 +76,7 @@ class Categorify(Operator):
             keep = counts.filter(pc.greater_equal(counts["count"], max(self.freq_threshold, 1)))
             keep = keep.sort_by([("count", "descending"), ("value", "ascending")])
             if self.max_size:
-                keep = keep.slice(0, self.max_size)
+                keep = keep.slice(0, self.max_size - self.first_kept_id)
             self.vocabs[col] = keep.combine_chunks()
             kept_rows = pc.sum(keep["count"]).as_py() or 0
             self.stats[col] = {
