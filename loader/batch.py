@@ -23,6 +23,7 @@ class Batch:
         label: [B] float32 (first label column; see ``labels`` for all of them).
         lists: list features as ``{name: (values [N] int, offsets [B + 1] int64)}``.
         weights: optional per-element weights of list features, ``{name: values [N] float32}``.
+        labels: [B, n_label] float32 view of all label columns when there are several, else ``None``.
     """
 
     categorical: torch.Tensor
@@ -30,6 +31,7 @@ class Batch:
     label: torch.Tensor
     lists: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -41,6 +43,7 @@ class Batch:
             fn(self.label),
             {k: (fn(v), fn(o)) for k, (v, o) in self.lists.items()},
             {k: fn(w) for k, w in self.weights.items()},
+            None if self.labels is None else fn(self.labels),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:

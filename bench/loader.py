@@ -1,0 +1,391 @@
+"""Loader benchmark: ctrflow.loader against the read bound, merlin-dataloader 23.08 and a plain DataLoader.
+
+Measured side by side in one run, on the same page-cached parquet, batch 65536 by default:
+
+- ``read bound``: ``pyarrow.parquet.read_table(file, columns=..., use_threads=True)`` of every file,
+  nothing else (no conversion, no batches): what any parquet loader is bounded by.
+- ``ctrflow (no shuffle)``: ``Loader(shuffle=False)``, batches on the CPU. This is also what the host
+  does on the GPU path, where the rows are shuffled on the device.
+- ``ctrflow (shuffle)``: ``Loader(shuffle=True)``: chunk order and rows inside each chunk shuffled
+  on the CPU. Both also with ``read_ahead=False`` (no decoding of the next chunk during the shuffle).
+- ``merlin-dataloader 23.08 (CPU)``: ``merlin.dataloader.torch.Loader`` over ``merlin.io.Dataset(cpu=True)``
+  with the same columns tagged categorical / continuous / target, run in the pinned NVTabular venv
+  (``bash bench/baselines/nvtabular_venv.sh`` builds it; ``--build-venv`` runs it for you). Reported
+  as ``skipped: <reason>`` when the venv is missing.
+- ``torch DataLoader``: the seed-000 ``DataFrameDataset`` pattern (a pandas DataFrame turned into
+  tensors once, ``__getitem__`` returning one row as a dict) in ``DataLoader(batch_size=B,
+  shuffle=True, num_workers=2)``; timed over ``--dataloader-seconds`` after its first batch.
+
+ctrflow and the read bound are run once to warm up, then measured ``--repeat`` times, interleaved,
+best kept (the machine may
+be shared; the load average is recorded). Besides wall-clock rows/s the table gives rows per
+CPU-second of the process (all its threads), which a busy machine disturbs much less.
+Data: ``--data DIR`` (a processed directory with ``schema.json``), else Criteo-shaped rows
+generated once into ``bench/out/loader-data-<rows>`` (26 int32 categoricals with power-law ids,
+13 float32, a float32 label; 8 files, 256k-row groups).
+
+Usage:
+    python bench/loader.py                        # 4M rows, all systems, table + bench/out/loader.json
+    python bench/loader.py --data data/processed/train --rows 0
+    python bench/loader.py --device cuda          # ctrflow's GPU path (on a GPU machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from ctrflow.etl.schema import ColumnSchema, Schema, SchemaError
+from ctrflow.loader import Loader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "bench", "out")
+NVT_VENV = os.path.join(ROOT, "bench", ".venvs", "nvtabular")
+NVT_SCRIPT = os.path.join(ROOT, "bench", "baselines", "nvtabular_venv.sh")
+
+
+# ---- machine and data -------------------------------------------------------------------------
+def describe_machine() -> dict[str, Any]:
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyarrow": pa.__version__,
+    }
+
+
+def generate(directory: str, rows: int, files: int = 8, row_group: int = 262144, seed: int = 0) -> None:
+    """Criteo-shaped processed parquet + schema.json (written to a temp dir, then renamed)."""
+    rng = np.random.default_rng(seed)
+    cards = [int(10 ** rng.uniform(1, 7)) for _ in range(26)]
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".tmp-loader-data-")
+    bounds = np.linspace(0, rows, files + 1).astype(int)
+    for f in range(files):
+        n = int(bounds[f + 1] - bounds[f])
+        cols: dict[str, np.ndarray] = {"label": (rng.random(n) < 0.25).astype(np.float32)}
+        for i in range(13):  # log1p of power-law counts, standardised: few distinct values, as in Criteo
+            x = np.log1p(rng.zipf(1.5, n).astype(np.float64) - 1)
+            x[rng.random(n) < 0.1] = 0.0
+            cols[f"I{i + 1}"] = ((x - 1.0) / 1.5).astype(np.float32)
+        for i in range(26):  # frequency-ranked ids (3 = most frequent), power law, capped
+            cols[f"C{i + 1}"] = (np.minimum(rng.zipf(1.1, n), cards[i]) + 2).astype(np.int32)
+        pq.write_table(pa.table(cols), os.path.join(tmp, f"part-{f:05d}.parquet"), row_group_size=row_group)
+    cols_schema = [ColumnSchema("label", "label", "float32")]
+    cols_schema += [ColumnSchema(f"I{i + 1}", "continuous", "float32") for i in range(13)]
+    cols_schema += [
+        ColumnSchema(f"C{i + 1}", "categorical", "int32", cardinality=cards[i] + 3, embedding_dim=16)
+        for i in range(26)
+    ]
+    Schema(cols_schema, {"rows": {"train": rows}, "generator": "bench/loader.py"}).save(
+        os.path.join(tmp, "schema.json")
+    )
+    os.replace(tmp, directory)
+
+
+def bench_data(args: argparse.Namespace) -> tuple[str, Schema]:
+    if args.data:
+        directory = args.data
+    else:
+        directory = os.path.join(OUT, f"loader-data-{args.rows}")
+        if not os.path.exists(os.path.join(directory, "schema.json")):
+            os.makedirs(OUT, exist_ok=True)
+            t = time.perf_counter()
+            generate(directory, args.rows)
+            print(f"generated {args.rows} rows in {directory} ({time.perf_counter() - t:.0f}s)", file=sys.stderr)
+    try:
+        schema = Schema.load(directory if os.path.exists(os.path.join(directory, "schema.json"))
+                             else os.path.dirname(os.path.abspath(directory)))
+    except SchemaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not glob.glob(os.path.join(directory, "*.parquet")):
+        print(f"error: {directory} holds no *.parquet files (pass OUT/train of a processed dataset)", file=sys.stderr)
+        raise SystemExit(2)
+    return directory, schema
+
+
+def page_cache(files: list[str]) -> None:
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+# ---- systems ----------------------------------------------------------------------------------
+def read_bound(files: list[str], columns: list[str]) -> tuple[int, float, float]:
+    """(rows, wall seconds, CPU seconds of all threads)."""
+    t, c = time.perf_counter(), time.process_time()
+    rows = sum(pq.read_table(f, columns=columns, use_threads=True).num_rows for f in files)
+    return rows, time.perf_counter() - t, time.process_time() - c
+
+
+def ctrflow_epoch(loader: Loader, device: str) -> tuple[int, float, float]:
+    t, c = time.perf_counter(), time.process_time()
+    rows = 0
+    for b in loader:
+        rows += b.label.shape[0]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return rows, time.perf_counter() - t, time.process_time() - c
+
+
+class DataFrameDataset(torch.utils.data.Dataset):
+    """The seed-000 pattern: a DataFrame made into tensors once; one row per ``__getitem__``."""
+
+    def __init__(self, df, cats: list[str], conts: list[str], label: str) -> None:
+        self.dense = torch.tensor(df[conts].values, dtype=torch.float32)  # [N, n_cont]
+        self.sparse = {c: torch.tensor(df[[c]].values, dtype=torch.int) for c in cats}  # [N, 1] each
+        self.target = torch.tensor(df[[label]].values, dtype=torch.float32)  # [N, 1]
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, i: int):
+        features = {"dense_features": self.dense[i, :]}
+        features.update({k: v[i, :] for k, v in self.sparse.items()})
+        return features, self.target[i, :]
+
+
+def torch_dataloader(files: list[str], schema: Schema, batch_size: int, seconds: float) -> tuple[int, float]:
+    import pandas as pd
+
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    ds = DataFrameDataset(df, schema.categorical, schema.continuous, schema.label[0])
+    del df
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=2)
+    it = iter(dl)
+    next(it)  # worker start-up and the first batch are not timed
+    t = time.perf_counter()
+    rows = 0
+    for _, y in it:
+        rows += y.shape[0]
+        if time.perf_counter() - t > seconds:
+            break
+    elapsed = time.perf_counter() - t
+    del it
+    return rows, elapsed
+
+
+MERLIN_SCRIPT = r"""
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+import numpy as np
+import merlin.io
+from merlin.dataloader.torch import Loader
+from merlin.schema import ColumnSchema, Schema, Tags
+a = json.loads(sys.argv[1])
+schema = Schema(
+    [ColumnSchema(c, dtype=np.int32, tags=[Tags.CATEGORICAL]) for c in a["cats"]]
+    + [ColumnSchema(c, dtype=np.float32, tags=[Tags.CONTINUOUS]) for c in a["conts"]]
+    + [ColumnSchema(c, dtype=np.float32, tags=[Tags.TARGET]) for c in a["labels"]]
+)
+ds = merlin.io.Dataset(a["files"], engine="parquet", cpu=True, schema=schema)
+out = {}
+for shuffle in (False, True):
+    loader = Loader(ds, batch_size=a["batch_size"], shuffle=shuffle, device="cpu")
+    best = cpu = None
+    for _ in range(a["repeat"]):
+        t, c = time.perf_counter(), time.process_time()
+        rows = 0
+        for x, y in loader:
+            rows += len(y)
+        d, c = time.perf_counter() - t, time.process_time() - c
+        best = d if best is None or d < best else best
+        cpu = c if cpu is None or c < cpu else cpu
+    out["shuffle" if shuffle else "no_shuffle"] = {"rows": rows, "seconds": best, "cpu_seconds": cpu}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def merlin(files: list[str], schema: Schema, batch_size: int, repeat: int, build: bool) -> dict[str, Any]:
+    py = os.path.join(NVT_VENV, "bin", "python")
+    if build:
+        r = subprocess.run(["bash", NVT_SCRIPT], capture_output=True, text=True)
+        if r.returncode != 0:
+            return {"skipped": f"{NVT_SCRIPT} failed: {r.stderr.strip().splitlines()[-1:]}"}
+        py = r.stdout.strip().splitlines()[-1]
+    elif not os.path.exists(os.path.join(NVT_VENV, ".ctrflow-complete")):
+        return {"skipped": f"no NVTabular venv at {NVT_VENV} (run: bash {os.path.relpath(NVT_SCRIPT, ROOT)})"}
+    arg = {"files": files, "cats": schema.categorical, "conts": schema.continuous, "labels": schema.label[:1],
+           "batch_size": batch_size, "repeat": repeat}
+    r = subprocess.run([py, "-c", MERLIN_SCRIPT, json.dumps(arg)], capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if r.returncode != 0 or line is None:
+        return {"skipped": f"merlin run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"}
+    return json.loads(line[len("RESULT "):])
+
+
+# ---- main -------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="processed directory (with or next to schema.json); default: generated")
+    p.add_argument("--rows", type=int, default=4 * 1048576, help="rows to generate when --data is not given")
+    p.add_argument("--batch-size", type=int, default=65536)
+    p.add_argument("--parts-per-chunk", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="ctrflow's device: cpu or cuda")
+    p.add_argument("--repeat", type=int, default=3, help="epochs per system (interleaved, best kept)")
+    p.add_argument("--dataloader-seconds", type=float, default=20.0)
+    p.add_argument("--skip", default="", help="comma list of: merlin, dataloader")
+    p.add_argument("--build-venv", action="store_true", help="build the NVTabular venv if it is missing")
+    p.add_argument("--json", default=os.path.join(OUT, "loader.json"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    directory, schema = bench_data(args)
+    files = sorted(glob.glob(os.path.join(directory, "*.parquet")))
+    columns = schema.categorical + schema.continuous + schema.label[:1]
+    page_cache(files)
+    skip = set(filter(None, args.skip.split(",")))
+    load0 = os.getloadavg()[0]
+
+    def loader(shuffle: bool, read_ahead: bool = True):
+        lo = Loader(directory, args.batch_size, shuffle=shuffle, parts_per_chunk=args.parts_per_chunk,
+                    device=args.device, labels=schema.label[:1], read_ahead=read_ahead)
+        return lambda: ctrflow_epoch(lo, args.device)
+
+    systems = {
+        "read bound (pyarrow read_table)": lambda: read_bound(files, columns),
+        "ctrflow (no shuffle)": loader(False),
+        "ctrflow (shuffle)": loader(True),
+        "ctrflow (no shuffle, read_ahead=False)": loader(False, False),
+        "ctrflow (shuffle, read_ahead=False)": loader(True, False),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    for run in systems.values():  # warm-up: allocators, buffer pools, page cache
+        run()
+    for _ in range(args.repeat):
+        for name, run in systems.items():
+            rows, sec, cpu = run()
+            r = results.setdefault(name, {"rows": rows, "seconds": sec, "cpu_seconds": cpu, "all_seconds": []})
+            r["all_seconds"].append(round(sec, 3))
+            r["seconds"], r["cpu_seconds"] = min(r["seconds"], sec), min(r["cpu_seconds"], cpu)
+    name_m = "merlin-dataloader 23.08 CPU"
+    if "merlin" in skip:
+        results[f"{name_m} (shuffle)"] = {"skipped": "--skip merlin"}
+    else:
+        m = merlin(files, schema, args.batch_size, args.repeat, args.build_venv)
+        if "skipped" in m:
+            results[f"{name_m} (no shuffle)"] = results[f"{name_m} (shuffle)"] = m
+        else:
+            results[f"{name_m} (no shuffle)"] = m["no_shuffle"]
+            results[f"{name_m} (shuffle)"] = m["shuffle"]
+    name_d = "torch DataLoader, DataFrameDataset, 2 workers (shuffle)"
+    if "dataloader" in skip:
+        results[name_d] = {"skipped": "--skip dataloader"}
+    else:
+        rows, sec = torch_dataloader(files, schema, args.batch_size, args.dataloader_seconds)
+        results[name_d] = {"rows": rows, "seconds": sec}
+    for r in results.values():
+        if "seconds" in r:
+            r["rows_per_s"] = r["rows"] / r["seconds"]
+        if r.get("cpu_seconds"):
+            r["rows_per_cpu_s"] = r["rows"] / r["cpu_seconds"]
+
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": describe_machine(),
+        "loadavg_1min": {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)},
+        "command": "python bench/loader.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "data": {"directory": directory, "files": len(files), "rows": results["ctrflow (shuffle)"]["rows"]},
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "results": results,
+    }
+    report["goals"] = goals(results)
+    print(table(report))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(args.json + ".tmp", args.json)
+    return 0
+
+
+def _rate(results: dict[str, dict[str, Any]], key: str) -> float | None:
+    r = results.get(key, {})
+    return r.get("rows_per_s")
+
+
+def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    read = _rate(results, "read bound (pyarrow read_table)")
+    plain = _rate(results, "ctrflow (no shuffle)")
+    shuf = _rate(results, "ctrflow (shuffle)")
+    merl = _rate(results, "merlin-dataloader 23.08 CPU (shuffle)")
+    dl = _rate(results, "torch DataLoader, DataFrameDataset, 2 workers (shuffle)")
+    checks = [
+        ("no shuffle >= 0.6x read bound", plain, read, 0.6),
+        ("shuffle >= 0.2x read bound", shuf, read, 0.2),
+        ("shuffle >= 10x merlin-dataloader (shuffle)", shuf, merl, 10.0),
+        ("shuffle >= 50x torch DataLoader", shuf, dl, 50.0),
+    ]
+    out = []
+    for name, a, b, want in checks:
+        ratio = a / b if a and b else None
+        out.append({"goal": name, "ratio": ratio, "met": None if ratio is None else ratio >= want})
+    # No loader can beat the bare read: how far above a baseline that read itself is.
+    out[2]["read_bound_ratio"] = read / merl if read and merl else None
+    out[3]["read_bound_ratio"] = read / dl if read and dl else None
+    return out
+
+
+def _fmt(rate: float) -> str:
+    return f"{rate / 1e6:.2f}M" if rate >= 1e5 else f"{rate / 1e3:.1f}k"
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    res = report["results"]
+    read = _rate(res, "read bound (pyarrow read_table)")
+    read_cpu = res["read bound (pyarrow read_table)"]["rows_per_cpu_s"]
+    lines = [
+        f"# Loader benchmark, {report['date']}",
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu']}; "
+        f"load average {report['loadavg_1min']['start']} -> {report['loadavg_1min']['end']}",
+        f"data: {report['data']['rows']} rows in {report['data']['files']} files ({report['data']['directory']}), "
+        f"batch {report['batch_size']}, ctrflow device {report['device']}",
+        f"command: {report['command']}",
+        "",
+        "| system | rows/s | x read bound | rows per CPU-second | x read bound (CPU) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in res.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | |")
+            continue
+        cpu = r.get("rows_per_cpu_s")
+        cpu_cols = f"{_fmt(cpu)} | {cpu / read_cpu:.3g}" if cpu else "n/a (worker processes) | "
+        lines.append(f"| {name} | {_fmt(r['rows_per_s'])} | {r['rows_per_s'] / read:.3g} | {cpu_cols} |")
+    lines += ["", "| goal | ratio | met | the read bound itself |", "| --- | ---: | --- | ---: |"]
+    for g in report["goals"]:
+        ratio = "n/a" if g["ratio"] is None else f"{g['ratio']:.3g}"
+        met = "n/a" if g["met"] is None else ("yes" if g["met"] else "NO")
+        ceiling = f"{g['read_bound_ratio']:.3g}" if g.get("read_bound_ratio") else ""
+        lines.append(f"| {g['goal']} | {ratio} | {met} | {ceiling} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Reading a chunk of slices and turning it into batch-major CPU tensors.
+
+A chunk is stored **batch-major**: ``cat`` is ``[K, n_cat, B]`` and ``flt`` (continuous columns then
+labels) is ``[K, n_flt, B]``, so batch ``k`` is the contiguous column-major block ``cat[k]`` and the
+``Batch`` handed out is the view ``cat[k].t()`` ([B, n_cat], strides (1, B)): columns stay as parquet
+stores them and no row-major copy is made on the host. Rows that do not fill a whole batch are kept
+(``leftover``) and go first into the next chunk, so batches never straddle two buffers.
+
+CPU path, per chunk: one big ``read_row_groups`` per file (pyarrow decodes columns on its threads,
+GIL released), then each column is copied once from its zero-copy numpy view, either straight into
+the batch-major output (no shuffle) or, one column at a time, into a scratch column (a few MB, so it
+stays in cache) from which per-batch ``np.take`` calls gather the output in a random row order
+(shuffle).
+
+The host-side copies and gathers use numpy, not torch, on purpose: they run in the producer thread
+next to the training loop, and a torch op there would start a second OpenMP team; with more busy
+threads than cores, OpenMP's spinning barriers slowed a 1 MB copy 300x on the 2-core machine.
+numpy's loops are single-threaded and release the GIL, so the producer uses one core cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from ctrflow.loader.plan import Slice
+from ctrflow.loader.pool import BufferPool
+from ctrflow.loader.source import Columns, Source
+
+
+@dataclass
+class Chunk:
+    """Batches ready to hand out.
+
+    Attributes:
+        cat: [K', n_cat, B] categorical ids (K' >= batches).
+        flt: [K', n_cont + n_label, B] float32.
+        batches: number of batches K to hand out (the first K blocks).
+        last_rows: rows in batch K - 1 (B unless it is the epoch's partial last batch).
+        event: CUDA event the consumer waits on before using the tensors (GPU path).
+    """
+
+    cat: torch.Tensor
+    flt: torch.Tensor
+    batches: int
+    last_rows: int
+    event: Any = None
+
+
+def read_tables(src: Source, parts: list[Slice]) -> list[pa.Table]:
+    """Decode ``parts`` (one ``read_row_groups`` call per file) into one Arrow table per slice."""
+    names = list(src.columns.cats + src.columns.floats)
+    by_file: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(parts):
+        by_file[src.pieces[s.piece].file].append(i)
+    out: list[pa.Table | None] = [None] * len(parts)
+    for f, idx in by_file.items():
+        rgs = sorted({rg for i in idx for rg in src.pieces[parts[i].piece].row_groups})
+        path = src.files[f]
+        try:
+            pf = pq.ParquetFile(path, metadata=src.metadata[f], memory_map=True)
+            table = pf.read_row_groups(rgs, columns=names, use_threads=True)
+        except Exception as e:
+            if hasattr(e, "add_note"):
+                e.add_note(f"ctrflow.loader: while reading row groups {rgs} of {path}")
+            raise
+        offset, pos = {}, 0
+        for rg in rgs:
+            offset[rg] = pos
+            pos += src.metadata[f].row_group(rg).num_rows
+        for i in idx:
+            s = parts[i]
+            out[i] = table.slice(offset[src.pieces[s.piece].row_groups[0]] + s.start, s.rows)
+    return out  # type: ignore[return-value]
+
+
+def arrow_to_numpy(arr: pa.Array, name: str, kind: str) -> np.ndarray:
+    """A 1-D numpy view of ``arr`` (zero-copy when Arrow allows; read-only).
+
+    Nulls: an error for categorical and label columns, NaN for continuous ones.
+    """
+    if arr.null_count:
+        if kind != "continuous":
+            raise ValueError(f"{kind} column {name!r} has {arr.null_count} nulls; fill them before loading")
+        arr = pc.cast(arr, pa.float32()).fill_null(float("nan"))
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _columns(cols: Columns) -> list[tuple[int, str, str, bool]]:
+    """(row in its buffer, name, kind, is_categorical) for every delivered column."""
+    out = [(j, n, "categorical", True) for j, n in enumerate(cols.cats)]
+    out += [(j, n, "continuous", False) for j, n in enumerate(cols.conts)]
+    out += [(len(cols.conts) + j, n, "label", False) for j, n in enumerate(cols.labels)]
+    return out
+
+
+def fill_staging(cols: Columns, tables: list[pa.Table], cat: torch.Tensor, flt: torch.Tensor, at: int) -> int:
+    """Copy ``tables`` into column-major buffers ``cat`` [n_cat, T] / ``flt`` [n_flt, T] from row ``at``.
+
+    Returns:
+        The row after the last one written.
+    """
+    cat_np, flt_np = cat.numpy(), flt.numpy()
+    for j, name, kind, is_cat in _columns(cols):
+        dst = cat_np[j] if is_cat else flt_np[j]
+        pos = at
+        for t in tables:
+            for ch in t.column(name).chunks:
+                n = len(ch)
+                if n:
+                    np.copyto(dst[pos : pos + n], arrow_to_numpy(ch, name, kind), casting="unsafe")
+                    pos += n
+    return at + sum(t.num_rows for t in tables)
+
+
+def _put_rows(buf: np.ndarray, j: int, start: int, src: np.ndarray) -> None:
+    """Write 1-D ``src`` to rows ``start..`` of column ``j`` of batch-major ``buf`` [K, n, B]."""
+    bsz = buf.shape[2]
+    n, pos = src.shape[0], 0
+    k, o = divmod(start, bsz)
+    if o:  # head: the rest of a partly filled batch
+        m = min(bsz - o, n)
+        np.copyto(buf[k, j, o : o + m], src[:m], casting="unsafe")
+        pos, k = m, k + 1
+    full = (n - pos) // bsz
+    if full:  # whole batches in one strided copy
+        np.copyto(buf[k : k + full, j, :], src[pos : pos + full * bsz].reshape(full, bsz), casting="unsafe")
+        pos, k = pos + full * bsz, k + full
+    if pos < n:
+        np.copyto(buf[k, j, : n - pos], src[pos:], casting="unsafe")
+
+
+class CpuBuilder:
+    """Builds CPU chunks from decoded tables, carrying leftover rows between chunks.
+
+    Args:
+        cols: the delivered columns.
+        batch_size: B.
+        shuffle: permute rows inside each chunk (leftover rows included).
+        pin: put chunks in page-locked memory (for a later ``.to("cuda", non_blocking=True)``).
+    """
+
+    def __init__(self, cols: Columns, batch_size: int, shuffle: bool, pin: bool = False) -> None:
+        self.cols, self.bsz, self.shuffle = cols, batch_size, shuffle
+        self.n_cat, self.n_flt = len(cols.cats), len(cols.floats)
+        self.out_pool = BufferPool(capacity=6, pin=pin)  # cat + flt of up to 3 chunks
+        self.stage_pool = BufferPool(capacity=2)
+        self.left: tuple[np.ndarray, np.ndarray] | None = None  # ([n_cat, L], [n_flt, L]) copies
+
+    def build(self, tables: list[pa.Table], seed: int | None, final: bool) -> Chunk | None:
+        """Turn ``tables`` (+ leftover) into a chunk; ``None`` when no batch is complete yet.
+
+        Args:
+            tables: decoded slices, in order.
+            seed: seed of this chunk's row permutation (used when shuffling).
+            final: the epoch's last chunk: hand out the partial last batch too.
+        """
+        left = self.left[0].shape[1] if self.left is not None else 0
+        total = left + sum(t.num_rows for t in tables)
+        if total == 0:
+            return None
+        blocks = math.ceil(total / self.bsz)
+        cat = self.out_pool.get((blocks, self.n_cat, self.bsz), self.cols.cat_dtype)
+        flt = self.out_pool.get((blocks, self.n_flt, self.bsz), torch.float32)
+        cat_np, flt_np = cat.numpy(), flt.numpy()
+        if self.shuffle:
+            self._shuffled(tables, cat_np, flt_np, left, total, seed)
+        else:
+            self._direct(tables, cat_np, flt_np, left)
+        full, rem = divmod(total, self.bsz)
+        if final:
+            self.left = None
+            return Chunk(cat, flt, blocks, rem or self.bsz)
+        self.left = (cat_np[full, :, :rem].copy(), flt_np[full, :, :rem].copy()) if rem else None
+        return Chunk(cat, flt, full, self.bsz) if full else None
+
+    def _direct(self, tables: list[pa.Table], cat: np.ndarray, flt: np.ndarray, left: int) -> None:
+        if self.left is not None:
+            cat[0, :, :left] = self.left[0]
+            flt[0, :, :left] = self.left[1]
+        for j, name, kind, is_cat in _columns(self.cols):
+            buf, pos = (cat if is_cat else flt), left
+            for t in tables:
+                for ch in t.column(name).chunks:
+                    if len(ch):
+                        _put_rows(buf, j, pos, arrow_to_numpy(ch, name, kind))
+                        pos += len(ch)
+
+    def _shuffled(
+        self, tables: list[pa.Table], cat: np.ndarray, flt: np.ndarray, left: int, total: int, seed: int | None
+    ) -> None:
+        perm = np.random.default_rng(seed).permutation(total)
+        bsz, blocks = self.bsz, cat.shape[0]
+        scratch = {
+            np.dtype(np.float32): self.stage_pool.get((total,), torch.float32).numpy(),
+            cat.dtype: self.stage_pool.get((total,), self.cols.cat_dtype).numpy(),
+        }
+        for j, name, kind, is_cat in _columns(self.cols):
+            # Gather one column at a time from a scratch column that stays in cache (a few MB),
+            # rather than staging the whole chunk in memory and reading it back.
+            dst = cat if is_cat else flt
+            col = scratch[dst.dtype]
+            if self.left is not None:
+                col[:left] = self.left[0 if is_cat else 1][j]
+            pos = left
+            for t in tables:
+                for ch in t.column(name).chunks:
+                    if len(ch):
+                        np.copyto(col[pos : pos + len(ch)], arrow_to_numpy(ch, name, kind), casting="unsafe")
+                        pos += len(ch)
+            for k in range(blocks):
+                idx = perm[k * bsz : (k + 1) * bsz]
+                # mode="wrap": no bounds check, which would also buffer the output.
+                np.take(col, idx, out=dst[k, j, : idx.shape[0]], mode="wrap")
