@@ -188,7 +188,7 @@ class Dataset:
         return Dataset(self.to_ddf(columns).persist(), schema=self.schema)
 
     def to_parquet(self, output_path: str | os.PathLike, overwrite: bool = False,
-                   row_group_size: int | None = None) -> list[int]:
+                   row_group_size: int | None = None, compression: str = "none") -> list[int]:
         """Write the dataset as ``output_path/part-NNNNN.parquet`` (+ ``schema.json`` when known).
 
         The directory appears only when complete (written to a temporary sibling, then renamed).
@@ -200,7 +200,8 @@ class Dataset:
 
         dtypes = {c.name: c.dtype for c in self.schema.columns if c.dtype != "unknown"} if self.schema else {}
         with atomic_dir(output_path, overwrite=overwrite) as tmp:
-            [files] = write_parquet([(self.to_ddf(), tmp)], dtypes, row_group_size=row_group_size)
+            [files] = write_parquet([(self.to_ddf(), tmp)], dtypes, row_group_size=row_group_size,
+                                    compression=compression)
             if self.schema is not None:
                 self.schema.metadata.setdefault("rows", sum(f["rows"] for f in files))
                 self.schema.save(os.path.join(tmp, "schema.json"))

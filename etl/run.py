@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ops = p.add_argument_group("ops")
     ops.add_argument("--freq-threshold", type=int, default=2, help="Categorify: keep values seen this often")
     ops.add_argument("--num-buckets", type=int, default=None, help="Categorify: hash OOV values into N ids")
-    ops.add_argument("--max-size", type=int, default=0, help="Categorify: cap each cardinality at N (reserved ids included)")
+    ops.add_argument("--max-size", type=int, default=0,
+                     help="Categorify: cap each cardinality at N (reserved ids included)")
     ops.add_argument("--bucketize", action="append", default=[], metavar="COL:b1,b2,...",
                      help="add COL_bucket from fixed boundaries (repeatable)")
     ops.add_argument("--auto-bins", action="append", default=[], metavar="COL:K",
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cluster = run.add_mutually_exclusive_group()
     cluster.add_argument("--scheduler", help="address of an existing Dask scheduler")
     cluster.add_argument("--workers", type=int, help="start a local Dask cluster with N workers")
+    run.add_argument("--compression", choices=["none", "snappy", "lz4", "zstd"], default="none",
+                     help="parquet codec of the output (none: plain pages, fastest to write and read; "
+                          "zstd: about 3x smaller)")
     run.add_argument("--part-size", default=None, help="rows per partition (int) or bytes ('256MB')")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-cache", action="store_true",
@@ -273,7 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             train_files, valid_files = write_parquet(
                 [(workflow.transform(train).to_ddf(), os.path.join(tmp, "train")),
                  (workflow.transform(valid).to_ddf(), os.path.join(tmp, "valid"))],
-                dtypes, count_ids=cat_out,
+                dtypes, count_ids=cat_out, compression=args.compression,
             )
             write_s = time.perf_counter() - t_write
             rows = {"train": sum(f["rows"] for f in train_files), "valid": sum(f["rows"] for f in valid_files)}

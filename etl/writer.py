@@ -44,8 +44,17 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_partition(df: Any, path: str, dtypes: dict[str, str], row_group_size: int | None) -> int:
-    """Write one partition as one parquet file (row groups of at least ``MIN_ROW_GROUP`` rows)."""
+COMPRESSIONS = ("none", "snappy", "lz4", "zstd")
+
+
+def write_partition(df: Any, path: str, dtypes: dict[str, str], row_group_size: int | None,
+                    compression: str = "none") -> int:
+    """Write one partition as one parquet file (row groups of at least ``MIN_ROW_GROUP`` rows).
+
+    ``compression="none"`` writes plain (not dictionary) encoded pages: 3x the bytes of snappy +
+    dictionary on Criteo-shaped data, but a third of the write CPU and the fastest reads; any other
+    codec writes dictionary-encoded, compressed pages for storage-bound users.
+    """
     if hasattr(df, "to_arrow") and not hasattr(df, "to_numpy"):  # pragma: no cover - cudf
         table = df.to_arrow()
     else:
@@ -55,7 +64,8 @@ def write_partition(df: Any, path: str, dtypes: dict[str, str], row_group_size: 
                   for n in table.column_names]
         table = table.cast(pa.schema(fields))
     rg = max(row_group_size or table.num_rows, MIN_ROW_GROUP)
-    pq.write_table(table, path, row_group_size=rg, compression="snappy")
+    plain = compression == "none"
+    pq.write_table(table, path, row_group_size=rg, compression=compression, use_dictionary=not plain)
     return table.num_rows
 
 
@@ -64,6 +74,7 @@ def write_parquet(
     dtypes: dict[str, str],
     count_ids: list[str] | None = None,
     row_group_size: int | None = None,
+    compression: str = "none",
 ) -> list[list[dict[str, Any]]]:
     """Write every partition of each ``(ddf, out_dir)`` job as ``out_dir/part-NNNNN.parquet``.
 
@@ -75,6 +86,7 @@ def write_parquet(
         dtypes: ``{column: numpy dtype name}`` to cast to before writing.
         count_ids: categorical columns whose null (id 1) and OOV (id 2) rows are counted.
         row_group_size: rows per row group (at least ``MIN_ROW_GROUP``; default one per file).
+        compression: ``none`` (plain pages, fastest) or a parquet codec (see ``write_partition``).
 
     Returns:
         Per job, per written file: ``{"rows": n, "nulls": {col: n}, "oov": {col: n}}``.
@@ -85,7 +97,7 @@ def write_parquet(
         parts = ddf.to_delayed(optimize_graph=False)
         tasks.append([
             dask.delayed(_write_nonempty)(p, os.path.join(out_dir, f"part-{i:05d}.parquet"), dtypes,
-                                          count_ids or [], row_group_size)
+                                          count_ids or [], row_group_size, compression)
             for i, p in enumerate(parts)
         ])
     results = dask.compute(*tasks)
@@ -93,10 +105,10 @@ def write_parquet(
 
 
 def _write_nonempty(df: Any, path: str, dtypes: dict[str, str], count_ids: list[str],
-                    row_group_size: int | None) -> dict[str, Any]:
+                    row_group_size: int | None, compression: str) -> dict[str, Any]:
     if len(df) == 0:
         return {"rows": 0}
-    rows = write_partition(df, path, dtypes, row_group_size)
+    rows = write_partition(df, path, dtypes, row_group_size, compression)
     nulls, oov = {}, {}
     for c in count_ids:
         ids = df[c].to_numpy()
