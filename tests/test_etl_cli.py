@@ -227,3 +227,22 @@ def test_interrupted_run_leaves_nothing(tmp_path, raw_parquet, monkeypatch):
         main(["--input", str(raw), "--output", str(out), "--no-progress", *ARGS])
     assert not out.exists()
     _no_leftovers(tmp_path)
+
+
+def test_bad_engine_gpu_without_rapids(tmp_path, raw_parquet, capsys):
+    from ctrflow.etl import dispatch
+
+    if dispatch.rapids_available():
+        pytest.skip("RAPIDS present: --engine gpu is valid here")
+    raw, _ = raw_parquet
+    _bad(tmp_path, ["--input", str(raw), "--engine", "gpu", *ARGS], capsys, "RAPIDS")
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_output_compression(tmp_path, raw_parquet, codec):
+    raw, _ = raw_parquet
+    out = tmp_path / "out"
+    assert main(["--input", str(raw), "--output", str(out), "--compression", codec, *ARGS]) == 0
+    md = pq.ParquetFile(next((out / "train").glob("*.parquet"))).metadata
+    col = md.row_group(0).column(0)
+    assert col.compression.lower() == ("uncompressed" if codec == "none" else codec)
