@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -53,9 +53,9 @@ import pyarrow.parquet as pq
 GENERATOR = "ctrflow.synthetic"
 VERSION = 1
 BLOCK_ROWS = 1 << 16
-Q0 = 2e-4  # row frequency at which a category carries half of its effect
+Q0 = 3e-3  # row frequency at which a category carries half of its effect
 BIAS = -1.45  # sets the click rate near Criteo's ~25%
-INTERACTION = ("C1", "C8", 1.0, 4)  # columns, weight b, factor dim
+INTERACTION = ("C1", "C6", 0.5, 4)  # columns, weight b, factor dim
 
 # name: (cardinality K, Zipf exponent s, null rate, effect scale a, validation drift share)
 CATEGORICAL = {
@@ -91,11 +91,11 @@ CATEGORICAL = {
 CONTINUOUS = {
     "I1": (0.7, 1.2, 0.5, 0.45, 2, "tanh", 0.35, 1.0),
     "I2": (1.4, 1.8, 0.3, 0.0, 0, "tanh", -0.25, 1.5),
-    "I3": (2.0, 1.3, 0.6, 0.21, 1, "bump", 0.30, 1.0),
+    "I3": (2.0, 1.3, 0.6, 0.21, 1, "bump", 0.30, 1.5),
     "I4": (1.6, 1.0, 0.6, 0.22, 1, "tanh", 0.20, 1.0),
     "I5": (7.9, 1.8, 0.4, 0.026, 0, "tanh", -0.30, 2.0),
     "I6": (3.6, 1.5, 0.5, 0.22, 1, "tanh", 0.20, 1.5),
-    "I7": (1.6, 1.4, 0.7, 0.04, 0, "bump", -0.25, 1.2),
+    "I7": (1.6, 1.4, 0.7, 0.04, 0, "bump", -0.25, 1.5),
     "I8": (2.2, 1.0, 0.3, 0.0005, 0, "tanh", 0.15, 1.0),
     "I9": (3.7, 1.2, 0.6, 0.04, 0, "tanh", 0.0, 1.0),
     "I10": (0.5, 0.7, 0.4, 0.45, 2, "tanh", 0.35, 0.6),
@@ -195,7 +195,7 @@ class _ClickModel:
         t = np.where(missing, 0.0, np.log1p(np.maximum(ints, 0)))
         # Categorical: one uniform decides null or a Zipf rank.
         u = rng.random((len(CATS), n))
-        cats = np.empty((len(CATS), n), dtype=np.int64)
+        cats = np.empty((len(CATS), n), dtype=np.int32)
         for c, name in enumerate(CATS):
             k, s, null = CATEGORICAL[name][:3]
             cats[c] = np.where(u[c] < null, -1, _zipf_rank(np.maximum(u[c] - null, 0.0) / (1.0 - null), k, s))
@@ -305,7 +305,8 @@ def generate(
     valid_fraction: float = 0.1,
     part_rows: int = 500_000,
 ) -> dict:
-    """Writes output_dir/train/part-00000.parquet..., output_dir/valid/part-*.parquet and output_dir/synthetic.json; returns the metadata dict.
+    """Writes output_dir/train/part-00000.parquet..., output_dir/valid/part-*.parquet and
+    output_dir/synthetic.json; returns the metadata dict.
 
     Everything is written into a temporary directory next to ``output_dir`` that replaces it when
     complete, so a crash leaves no half-written data set.
@@ -332,7 +333,7 @@ def generate(
     out = os.path.abspath(output_dir)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    tmp = _fresh_dir(parent, f".{os.path.basename(out)}.tmp-")
     try:
         splits = {"train": _split_sizes(train_rows, part_rows), "valid": _split_sizes(valid_rows, part_rows)}
         seen = {name: np.zeros(len(model.effect[name]), dtype=bool) for name in CATS}
@@ -399,12 +400,23 @@ def generate(
     return meta
 
 
+def _fresh_dir(parent: str, prefix: str) -> str:
+    """A new empty directory ``parent/prefix<random>`` with the umask's permissions (mkdtemp uses 0700)."""
+    while True:
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
 def _swap_in(tmp: str, out: str) -> None:
     """Rename the finished ``tmp`` to ``out``, moving an existing ``out`` aside first."""
     if not os.path.exists(out):
         os.rename(tmp, out)
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    old = _fresh_dir(os.path.dirname(out), f".{os.path.basename(out)}.old-")
     os.rename(out, os.path.join(old, "d"))
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)

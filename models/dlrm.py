@@ -1,0 +1,193 @@
+"""DLRM (Naumov et al. 2019) split into torchrec's small named archs.
+
+::
+
+    continuous [B, n_cont] -> DenseArch (MLP, ReLU) ------------> dense [B, D] --+
+    ids [B, F] -> SparseArch (F tables in one fused weight) -----> sparse [B, F, D] --+
+        -> InteractionArch: [dense, all pairwise dots of (dense, sparse_1..F)]  [B, D + F(F+1)/2]
+        -> OverArch (MLP, ReLU, last layer linear) -> logits [B, 1]
+
+Same layout and initialisation as torchrec's ``torchrec/models/dlrm.py`` (embedding rows
+``U(-1/sqrt(card), 1/sqrt(card))``), so the benchmark compares like with like; the difference is the
+embedding implementation (one fused lookup with sparse gradients instead of an
+``EmbeddingBagCollection`` over a KeyedJaggedTensor).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from ctrflow.models.embedding import FusedEmbedding, check_ids
+from ctrflow.models.sizes import as_schema, embedding_sizes
+from torch import nn
+
+
+def mlp(in_features: int, sizes: Sequence[int], last_activation: bool = True) -> nn.Sequential:
+    """Linear layers of the given widths with ReLU between them (and after the last if asked)."""
+    layers: list[nn.Module] = []
+    for i, width in enumerate(sizes):
+        layers.append(nn.Linear(in_features, width))
+        if last_activation or i < len(sizes) - 1:
+            layers.append(nn.ReLU(inplace=True))
+        in_features = width
+    return nn.Sequential(*layers)
+
+
+class SparseArch(nn.Module):
+    """One embedding table per categorical feature (fused into one weight).
+
+    Args: cardinalities [F], dim D, sparse (sparse gradients), init (``"uniform"``: torchrec's).
+    """
+
+    def __init__(self, cardinalities: Sequence[int], dim: int, sparse: bool = True, init: str = "uniform"):
+        super().__init__()
+        self.embedding = FusedEmbedding(cardinalities, dim, sparse=sparse, init=init)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Args: ids [B, F]. Returns: [B, F, D]."""
+        return self.embedding(ids)
+
+
+class DenseArch(nn.Module):
+    """Bottom MLP over the continuous inputs: [B, n_cont] -> [B, D] (ReLU after every layer)."""
+
+    def __init__(self, in_features: int, layer_sizes: Sequence[int]):
+        super().__init__()
+        self.model = mlp(in_features, layer_sizes, last_activation=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class InteractionArch(nn.Module):
+    """Pairwise dot products between the dense output and every embedding.
+
+    Args:
+        num_sparse_features: F.
+
+    Forward: dense [B, D], sparse [B, F, D] -> [B, D + F(F+1)/2]: the dense vector followed by the
+    upper triangle (without diagonal) of the (F+1) x (F+1) Gram matrix of (dense, sparse_1..F).
+    """
+
+    def __init__(self, num_sparse_features: int):
+        super().__init__()
+        self.F = int(num_sparse_features)
+        tri = torch.triu_indices(self.F + 1, self.F + 1, offset=1)
+        # Flat indices into the [F+1, F+1] Gram matrix: one gather instead of two-index indexing.
+        self.register_buffer("triu_flat", tri[0] * (self.F + 1) + tri[1], persistent=False)
+
+    @property
+    def out_features_extra(self) -> int:
+        return self.F * (self.F + 1) // 2
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        if self.F <= 0:
+            return dense
+        b = dense.shape[0]
+        combined = torch.cat((dense.unsqueeze(1), sparse), dim=1)  # [B, F+1, D]
+        gram = torch.bmm(combined, combined.transpose(1, 2))  # [B, F+1, F+1]
+        pairs = gram.reshape(b, -1).index_select(1, self.triu_flat)  # [B, F(F+1)/2]
+        return torch.cat((dense, pairs), dim=1)
+
+
+class OverArch(nn.Module):
+    """Top MLP: ReLU after every layer but the last, which outputs the logits."""
+
+    def __init__(self, in_features: int, layer_sizes: Sequence[int]):
+        super().__init__()
+        if not layer_sizes:
+            raise ValueError("OverArch needs at least one layer (the output)")
+        self.model = mlp(in_features, layer_sizes, last_activation=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class DLRM(nn.Module):
+    """Deep Learning Recommendation Model, returning logits [B, 1].
+
+    Args:
+        cardinalities: rows of each categorical feature's table [F].
+        n_cont: continuous inputs (at least 1: the dense arch feeds the interaction).
+        embedding_dim: D, shared by every table and by the dense arch's output.
+        dense_arch_layer_sizes: bottom MLP widths; the last must equal ``embedding_dim``.
+        over_arch_layer_sizes: top MLP widths; the last is the output width (1).
+        sparse: sparse embedding gradients (see :mod:`ctrflow.models.embedding`).
+        init: embedding init, ``"uniform"`` (torchrec's) or ``"normal"``.
+    """
+
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        n_cont: int,
+        embedding_dim: int = 16,
+        dense_arch_layer_sizes: Sequence[int] = (512, 256, 16),
+        over_arch_layer_sizes: Sequence[int] = (512, 256, 1),
+        sparse: bool = True,
+        init: str = "uniform",
+    ) -> None:
+        super().__init__()
+        cards = [int(c) for c in cardinalities]
+        dense_sizes = [int(x) for x in dense_arch_layer_sizes]
+        over_sizes = [int(x) for x in over_arch_layer_sizes]
+        if n_cont < 1:
+            raise ValueError(f"DLRM needs at least one continuous input (n_cont={n_cont}); use TabularModel")
+        if not cards:
+            raise ValueError("DLRM needs at least one categorical feature")
+        if not dense_sizes or dense_sizes[-1] != embedding_dim:
+            raise ValueError(
+                f"the dense arch's last layer must equal embedding_dim={embedding_dim} "
+                f"(got dense_arch_layer_sizes={dense_sizes})"
+            )
+        if not over_sizes:
+            raise ValueError("over_arch_layer_sizes must hold at least the output width")
+        self.config: dict[str, Any] = {
+            "cardinalities": cards, "n_cont": int(n_cont), "embedding_dim": int(embedding_dim),
+            "dense_arch_layer_sizes": dense_sizes, "over_arch_layer_sizes": over_sizes,
+            "sparse": sparse, "init": init,
+        }
+        self.n_cat = len(cards)
+        self.n_cont = int(n_cont)
+        self.sparse_arch = SparseArch(cards, embedding_dim, sparse=sparse, init=init)
+        self.dense_arch = DenseArch(n_cont, dense_sizes)
+        self.inter_arch = InteractionArch(len(cards))
+        self.over_arch = OverArch(embedding_dim + self.inter_arch.out_features_extra, over_sizes)
+
+    @classmethod
+    def from_schema(
+        cls,
+        schema: Any,
+        embedding_dim: int = 16,
+        dense_arch_layer_sizes: Sequence[int] | None = None,
+        over_arch_layer_sizes: Sequence[int] = (512, 256, 1),
+        **kwargs: Any,
+    ) -> DLRM:
+        """Build from a processed dataset's schema (a :class:`Schema`, its path, or the dataset dir).
+
+        Every table gets ``embedding_dim`` (DLRM's interaction needs one dim); the cardinalities come
+        from the schema. ``dense_arch_layer_sizes`` defaults to ``[512, 256, embedding_dim]``.
+        """
+        if isinstance(schema, (str, os.PathLike)):
+            schema = as_schema(schema)
+        sizes = embedding_sizes(schema, dim=embedding_dim)
+        n_cont = len(as_schema(schema).continuous)
+        dense = list(dense_arch_layer_sizes) if dense_arch_layer_sizes else [512, 256, embedding_dim]
+        return cls([c for c, _ in sizes], n_cont, embedding_dim, dense, over_arch_layer_sizes, **kwargs)
+
+    def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None) -> None:
+        """Raise ``ValueError`` if a batch does not fit the model (column counts, id ranges)."""
+        n_cont = 0 if continuous is None else continuous.shape[1]
+        if n_cont != self.n_cont:
+            raise ValueError(f"the data has {n_cont} continuous columns, the model {self.n_cont}")
+        check_ids(categorical, self.config["cardinalities"])
+
+    def forward(self, categorical: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
+        """Args: categorical [B, F] ids, continuous [B, n_cont]. Returns: logits [B, 1]."""
+        if continuous.dim() != 2 or continuous.shape[1] != self.n_cont:
+            raise ValueError(f"expected continuous inputs of shape [B, {self.n_cont}], got {list(continuous.shape)}")
+        dense = self.dense_arch(continuous.float())
+        sparse = self.sparse_arch(categorical)
+        return self.over_arch(self.inter_arch(dense, sparse.to(dense.dtype)))

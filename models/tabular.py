@@ -1,0 +1,155 @@
+"""fastai's ``TabularModel`` (same arguments, same architecture), on fused sparse embeddings.
+
+Architecture (fastai 2.x, ``lin_first=True``)::
+
+    ids [B, F] -> embeddings [B, sum(dims)] -> Dropout(embed_p) --+
+    continuous [B, n_cont] -> BatchNorm1d(n_cont) ---------------+-> concat
+        -> [Linear(bias=not use_bn) -> ReLU -> BatchNorm1d -> Dropout(p_i)] per hidden layer
+        -> Linear(out_sz)   -> logits [B, out_sz]
+
+Differences from fastai, by design: the embeddings of all features that share a dim live in one
+fused table with sparse gradients (see :mod:`ctrflow.models.embedding`), and the embedding block is
+ordered by dim (ascending) instead of by feature, which changes nothing the model can learn.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from ctrflow.models.embedding import EmbeddingTables
+from ctrflow.models.sizes import as_schema, embedding_sizes
+from torch import nn
+
+
+class TabularModel(nn.Module):
+    """Embeddings + MLP for tabular data, fastai's argument names.
+
+    Args:
+        emb_szs: ``[(cardinality, dim), ...]`` per categorical feature (or a dict of them, as
+            NVTabular's ``get_embedding_sizes`` returns).
+        n_cont: number of continuous inputs.
+        out_sz: output width (1 for binary logits / regression; 2 works with the trainer too).
+        layers: hidden layer widths, e.g. ``[512, 256]``.
+        ps: dropout per hidden layer (a float applies to all); default no dropout.
+        embed_p: dropout on the concatenated embeddings.
+        use_bn: BatchNorm1d after each hidden layer's activation.
+        bn_final: BatchNorm1d on the output as well (fastai's option).
+        bn_cont: BatchNorm1d on the continuous inputs (fastai's default).
+        y_range: squash outputs into ``(lo, hi)`` with a scaled sigmoid (regression only).
+        sparse: sparse embedding gradients (see :mod:`ctrflow.models.embedding`).
+        emb_init: ``"normal"`` (fastai's truncated normal, std 0.01) or ``"uniform"`` (torchrec's).
+    """
+
+    def __init__(
+        self,
+        emb_szs: Sequence[tuple[int, int]] | Mapping[str, tuple[int, int]],
+        n_cont: int,
+        out_sz: int,
+        layers: Sequence[int],
+        ps: float | Sequence[float] | None = None,
+        embed_p: float = 0.0,
+        use_bn: bool = True,
+        bn_final: bool = False,
+        bn_cont: bool = True,
+        y_range: tuple[float, float] | None = None,
+        sparse: bool = True,
+        emb_init: str = "normal",
+    ) -> None:
+        super().__init__()
+        if isinstance(emb_szs, Mapping):
+            emb_szs = list(emb_szs.values())
+        emb_szs = [(int(n), int(d)) for n, d in emb_szs]
+        layers = [int(x) for x in layers]
+        if ps is None:
+            ps = [0.0] * len(layers)
+        elif isinstance(ps, (int, float)):
+            ps = [float(ps)] * len(layers)
+        ps = list(ps)
+        if len(ps) != len(layers):
+            raise ValueError(f"ps has {len(ps)} entries but layers has {len(layers)}")
+        if n_cont < 0 or out_sz < 1 or any(w < 1 for w in layers):
+            raise ValueError(f"need n_cont >= 0, out_sz >= 1, layers >= 1; got {n_cont}, {out_sz}, {layers}")
+        if not emb_szs and n_cont == 0:
+            raise ValueError("TabularModel needs at least one categorical or continuous input")
+        self.config: dict[str, Any] = {
+            "emb_szs": emb_szs, "n_cont": n_cont, "out_sz": out_sz, "layers": layers, "ps": ps,
+            "embed_p": embed_p, "use_bn": use_bn, "bn_final": bn_final, "bn_cont": bn_cont,
+            "y_range": list(y_range) if y_range else None, "sparse": sparse, "emb_init": emb_init,
+        }
+        self.embeds = EmbeddingTables(emb_szs, sparse=sparse, init=emb_init) if emb_szs else None
+        self.emb_drop = nn.Dropout(embed_p)
+        self.bn_cont = nn.BatchNorm1d(n_cont) if (bn_cont and n_cont) else None
+        self.n_emb = self.embeds.out_features if self.embeds is not None else 0
+        self.n_cat = len(emb_szs)
+        self.n_cont = n_cont
+        self.y_range = y_range
+        sizes = [self.n_emb + n_cont, *layers, out_sz]
+        blocks: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            last = i == len(sizes) - 2
+            bn = use_bn and (not last or bn_final)
+            blocks.append(nn.Linear(sizes[i], sizes[i + 1], bias=not bn))
+            if not last:
+                blocks.append(nn.ReLU(inplace=True))
+            if bn:
+                blocks.append(nn.BatchNorm1d(sizes[i + 1]))
+            p = 0.0 if last else ps[i]
+            if p:
+                blocks.append(nn.Dropout(p))
+        self.layers = nn.Sequential(*blocks)
+
+    @classmethod
+    def from_schema(
+        cls,
+        schema: Any,
+        layers: Sequence[int] = (512, 256),
+        out_sz: int = 1,
+        max_dim: int | None = 16,
+        embedding_dim: int | None = None,
+        **kwargs: Any,
+    ) -> TabularModel:
+        """Build from a processed dataset's schema (a :class:`Schema`, its path, or the dataset dir).
+
+        Args:
+            schema: the dataset's schema.
+            layers: hidden layer widths.
+            out_sz: output width.
+            max_dim: cap the stored embedding dims (the seed notebook's ``min(16, dim)``); None keeps them.
+            embedding_dim: one dim for every table instead of the stored ones.
+            **kwargs: any other ``TabularModel`` argument.
+        """
+        if isinstance(schema, (str, os.PathLike)):
+            schema = as_schema(schema)
+        emb = embedding_sizes(schema, max_dim=max_dim, dim=embedding_dim)
+        return cls(emb, len(as_schema(schema).continuous), out_sz, list(layers), **kwargs)
+
+    def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None) -> None:
+        """Raise ``ValueError`` if a batch does not fit the model (column counts, id ranges)."""
+        n_cont = 0 if continuous is None or continuous.numel() == 0 else continuous.shape[1]
+        if n_cont != self.n_cont:
+            raise ValueError(f"the data has {n_cont} continuous columns, the model {self.n_cont}")
+        if self.embeds is not None:
+            self.embeds.check_ids(categorical)
+        elif categorical is not None and categorical.numel():
+            raise ValueError(f"the data has {categorical.shape[1]} categorical columns, the model 0")
+
+    def forward(self, categorical: torch.Tensor, continuous: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: categorical [B, F] ids, continuous [B, n_cont]. Returns: logits [B, out_sz]."""
+        xs = []
+        if self.embeds is not None:
+            xs.append(self.emb_drop(self.embeds(categorical)))
+        if self.n_cont:
+            if continuous is None or continuous.dim() != 2 or continuous.shape[1] != self.n_cont:
+                got = None if continuous is None else list(continuous.shape)
+                raise ValueError(f"expected continuous inputs of shape [B, {self.n_cont}], got {got}")
+            x_cont = continuous.float()
+            xs.append(self.bn_cont(x_cont) if self.bn_cont is not None else x_cont)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+        out = self.layers(x)
+        if self.y_range is not None:
+            lo, hi = self.y_range
+            out = torch.sigmoid(out) * (hi - lo) + lo
+        return out

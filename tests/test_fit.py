@@ -1,0 +1,137 @@
+"""train/fit.py end to end, in-process, on a small processed dataset; every bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from ctrflow.etl.schema import ColumnSchema, Schema
+from ctrflow.train.fit import main
+
+CARDS = [8, 20, 5]
+N_CONT = 3
+
+
+def _write(out, rows=(1536, 512), nan_from: int | None = None, cards=CARDS, oracle=True, label_kind="binary"):
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "valid"), rows, strict=True):
+        cat = [rng.integers(3, c, n).astype(np.int32) for c in cards]
+        cont = rng.standard_normal((N_CONT, n)).astype(np.float32)
+        logit = (cat[0] % 2) * 2.0 - 1.0 + cont[0]
+        if label_kind == "binary":
+            label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+        else:
+            label = (2 * cont[0] + 1).astype(np.float32)
+        if nan_from is not None and split == "train":
+            cont[1, nan_from] = np.nan  # one bad row: the step whose batch holds it diverges
+        cols = {f"C{i}": c for i, c in enumerate(cat)} | {f"I{j}": cont[j] for j in range(N_CONT)} | {"label": label}
+        os.makedirs(out / split, exist_ok=True)
+        pq.write_table(pa.table(cols), out / split / "part-00000.parquet", row_group_size=n)
+    columns = [ColumnSchema(f"C{i}", "categorical", "int32", cardinality=c, embedding_dim=16)
+               for i, c in enumerate(cards)]
+    columns += [ColumnSchema(f"I{j}", "continuous", "float32") for j in range(N_CONT)]
+    meta = {"rows": {"train": rows[0], "valid": rows[1]}}
+    if oracle:
+        meta["synthetic"] = {"oracle": {"valid_auc": 0.75, "valid_logloss": 0.55}}
+    Schema([*columns, ColumnSchema("label", "label", "float32")], meta).save(out / "schema.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _write(tmp_path_factory.mktemp("processed"))
+
+
+FAST = ["--batch-size", "128", "--embedding-dim", "4", "--layers", "16", "--bottom-layers", "8",
+        "--no-progress", "--log-every", "4", "--threads", "1"]
+
+
+@pytest.mark.parametrize("model", ["dlrm", "tabular"])
+def test_fit_end_to_end(data, tmp_path, capsys, model):
+    out = tmp_path / "run"
+    assert main(["--data", str(data), "--model", model, "--out", str(out), "--epochs", "2", "--eval-every", "6",
+                 "--optimizer", "adam", "--lr", "0.01", *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "validation AUC" in text and "oracle AUC     0.75000" in text and "loader alone" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["valid"]["auc"] > 0.7
+    assert summary["loader_rows_per_s"] > 0 and summary["oracle"]["valid_auc"] == 0.75
+    for name in ("config.json", "metrics.jsonl", "curve.png"):
+        assert (out / name).exists(), name
+    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-00000012.pt", "ckpt-00000018.pt", "ckpt-00000024.pt"]
+
+
+def test_fit_resume_continues_the_run(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(out), "--checkpoint-every", "4", "--no-loader-bench", *FAST]
+    assert main([*common, "--max-steps", "8"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--max-steps", "12", "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["resumed_from"].endswith("ckpt-00000008.pt")
+
+
+def test_fit_regression(tmp_path, capsys):
+    d = _write(tmp_path / "reg", label_kind="regression", oracle=False)
+    assert main(["--data", str(d), "--out", str(tmp_path / "r"), "--task", "regression", "--epochs", "3",
+                 "--optimizer", "adam", "--lr", "0.01", "--no-loader-bench", *FAST]) == 0
+    assert "validation RMSE" in capsys.readouterr().out
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and sum(x.startswith("error") for x in err) == 1, err
+    assert not any("Traceback" in x for x in err), err
+    return err[-1]
+
+
+def test_bad_inputs_exit_2_with_one_line(data, tmp_path, capsys):
+    assert "not a processed dataset" in _error(capsys, ["--data", str(tmp_path), *FAST])
+    assert "no such directory" in _error(capsys, ["--data", str(tmp_path / "nope"), *FAST])
+    assert "--batch-size must be >= 1, got 0" in _error(capsys, ["--data", str(data), "--batch-size", "0"])
+    assert "invalid choice" in _error(capsys, ["--data", str(data), "--model", "xgboost"])
+    no_run = ["--data", str(data), "--resume", "--out", str(tmp_path / "empty"), *FAST]
+    assert "no checkpoint" in _error(capsys, no_run)
+    used = tmp_path / "used" / "checkpoints"
+    used.mkdir(parents=True)
+    (used / "ckpt-00000007.pt").write_bytes(b"x")
+    assert "already holds checkpoints" in _error(capsys, ["--data", str(data), "--out", str(used.parent), *FAST])
+
+
+def test_schema_that_does_not_match_the_data(tmp_path, capsys):
+    d = _write(tmp_path / "small", cards=[8, 20, 5])
+    schema = json.loads((d / "schema.json").read_text())
+    schema["columns"][1]["cardinality"] = 10  # ids go up to 19
+    (d / "schema.json").write_text(json.dumps(schema))
+    line = _error(capsys, ["--data", str(d), "--out", str(tmp_path / "r"), *FAST])
+    assert "categorical feature 1: ids span" in line and "10 rows" in line
+
+
+def test_schema_that_does_not_fit_the_model(tmp_path, capsys):
+    d = _write(tmp_path / "nocont")
+    schema = json.loads((d / "schema.json").read_text())
+    schema["columns"] = [c for c in schema["columns"] if c["kind"] != "continuous"]
+    (d / "schema.json").write_text(json.dumps(schema))
+    assert "does not fit --model dlrm" in _error(capsys, ["--data", str(d), *FAST])
+
+
+def test_nan_loss_exit_2_names_step_and_checkpoint(tmp_path, capsys):
+    d = _write(tmp_path / "nan", rows=(1536, 256), nan_from=1000)
+    line = _error(capsys, ["--data", str(d), "--out", str(tmp_path / "r"), "--checkpoint-every", "1", *FAST])
+    step = int(line.split("at step ")[1].split()[0])
+    ckpt = tmp_path / "r" / "checkpoints" / f"ckpt-{step - 1:08d}.pt"
+    assert 1 < step <= 12 and line.endswith(f"last good checkpoint: {ckpt}")
+
+
+def test_resume_from_an_incompatible_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(out), "--max-steps", "2", "--no-loader-bench", *FAST]) == 0
+    capsys.readouterr()
+    wider = [x if x != "4" else "8" for x in FAST]  # --embedding-dim 8 (and --log-every 8)
+    line = _error(capsys, ["--data", str(data), "--out", str(out), "--resume", "--max-steps", "4", *wider])
+    assert "does not fit the model" in line

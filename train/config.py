@@ -1,0 +1,79 @@
+"""Trainer settings (``TrainConfig``), device choice, and the error a diverged run raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+TASKS = ("binary", "regression")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN / infinite loss); the message names the step and last checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings (all JSON-safe; stored in every checkpoint).
+
+    Attributes:
+        task: ``binary`` (BCE-with-logits; AUC, logloss, AP) or ``regression`` (MSE; RMSE).
+        optimizer, lr, embedding_lr, embedding_optimizer, weight_decay: see
+            :func:`ctrflow.train.optim.build_optimizers`.
+        warmup_steps: linear warm-up steps (a value < 1 is a share of the total steps).
+        decay: ``cosine``, ``linear`` or ``none`` after the warm-up; ``min_lr_factor`` is its floor.
+        epochs, max_steps: run length (``max_steps`` counts optimizer steps and wins when smaller).
+        grad_accum: batches per optimizer step.
+        eval_every: evaluate every N steps (0: only at the end of each epoch).
+        log_every: a log line / ``metrics.jsonl`` record every N steps.
+        checkpoint_every: also checkpoint every N steps (0: only at evaluations and the end of each epoch).
+        keep_checkpoints: keep the newest N checkpoints.
+        amp: ``True`` autocasts to bfloat16 (on CUDA or CPU); ``"auto"``: on CUDA only.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
+        progress: progress bar (None: when stderr is a TTY); verbose: print log lines.
+        tensorboard, plot: write TensorBoard scalars (when installed) / ``curve.png`` at the end.
+    """
+
+    task: str = "binary"
+    optimizer: str = "adagrad"
+    lr: float = 0.01
+    embedding_lr: float | None = None
+    embedding_optimizer: str | None = None
+    weight_decay: float = 0.0
+    warmup_steps: float = 0
+    decay: str = "cosine"
+    min_lr_factor: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None
+    grad_accum: int = 1
+    eval_every: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    amp: bool | str = "auto"
+    device: str = "auto"
+    progress: bool | None = None
+    verbose: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.epochs < 1 or self.grad_accum < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("epochs, grad_accum, log_every and keep_checkpoints must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return dev

@@ -1,0 +1,288 @@
+"""Train a CTR model on a processed dataset and report validation AUC / logloss (or RMSE).
+
+Commands (from the repository root)::
+
+    python etl/run.py && python train/fit.py                 # DLRM, 1 epoch on data/processed
+    python train/fit.py --model tabular --batch-size 400000 --lr 0.0132 --optimizer adam
+    python train/fit.py --out runs/a --max-steps 100         # ... interrupted? continue with:
+    python train/fit.py --out runs/a --max-steps 100 --resume
+    python train/fit.py --task regression --data DIR         # MSE loss, RMSE metric
+    python train/fit.py --amp                                # bfloat16 autocast (CPU with AMX, or GPU)
+
+One process on one device (CPU or one GPU); multi-process ``torchrun`` training is not supported yet.
+
+Writes into the run directory (``--out``, default ``runs/<model>-<timestamp>``): ``config.json``,
+``metrics.jsonl``, ``checkpoints/ckpt-<step>.pt`` (newest 3), ``curve.png``, ``summary.json`` and
+TensorBoard scalars under ``tb/`` when TensorBoard is installed. Prints at the end the validation
+metrics, rows/s of the whole run and of the loader alone, and the generator's oracle AUC when the
+data came from ``etl/run.py``'s embedded generator. Bad input exits with code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With the loader's reader
+# thread (or anything else) sharing the cores, spinning threads slowed small-batch steps ~7x here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+# Tuned for one epoch of the embedded generator's 1.8M rows (bench/RESULTS.md, "Training"): Adam on
+# the MLPs, lazy Adam on the tables. Other optimizers get generic defaults.
+DEFAULTS = {
+    "dlrm": {"batch_size": 2048, "lr": 3e-3, "embedding_lr": 0.1},
+    "tabular": {"batch_size": 512, "lr": 1e-3, "embedding_lr": 0.05},
+    "lr": {"adagrad": 0.01, "sgd": 0.1},
+    "embedding_lr": {"adagrad": 1.0, "sgd": 1.0},
+}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(x < 1 for x in out):
+        raise argparse.ArgumentTypeError(f"layer widths must be >= 1, got {text!r}")
+    return out
+
+
+class UsageError(Exception):
+    """Bad input (exit code 2, one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; :class:`UsageError` on bad arguments."""
+    p = _Parser(prog="train/fit.py", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="data/processed", help="processed dataset dir (etl/run.py output)")
+    p.add_argument("--model", choices=("dlrm", "tabular"), default="dlrm")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 2048 (dlrm), 512 (tabular)")
+    p.add_argument("--valid-batch-size", type=int, default=65536)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    p.add_argument("--optimizer", choices=("adagrad", "adam", "sgd"), default="adam")
+    p.add_argument("--lr", type=float, default=None,
+                   help="MLP learning rate (default: adam 3e-3 (tabular 1e-3), adagrad 0.01, sgd 0.1)")
+    p.add_argument("--embedding-lr", type=float, default=None,
+                   help="learning rate of the tables (default: adam 0.1 (tabular 0.05), adagrad 1.0, sgd 1.0)")
+    p.add_argument("--embedding-optimizer", choices=("adagrad", "adam", "sgd"), default=None,
+                   help="rule for the embedding tables (default: --optimizer; row-wise Adagrad / lazy Adam)")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up steps (< 1: share of the run)")
+    p.add_argument("--decay", choices=("cosine", "linear", "none"), default="cosine")
+    p.add_argument("--min-lr-factor", type=float, default=0.1, help="the decay ends at this share of the lr")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--embedding-dim", type=int, default=None,
+                   help="DLRM: every table's dim (default 16); tabular: cap of the schema's dims (default 64; "
+                        "the seed notebook used 16)")
+    p.add_argument("--layers", type=_ints, default=None,
+                   help="hidden widths: tabular MLP (default 512,256); DLRM top MLP (default 512,256)")
+    p.add_argument("--bottom-layers", type=_ints, default=None, help="DLRM bottom MLP (default 512,256)")
+    p.add_argument("--task", choices=("binary", "regression"), default="binary")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=("auto", "bf16", "off"),
+                   help="bfloat16 autocast: auto = on CUDA only; bare --amp = bf16 on any device")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate (and checkpoint) every N steps; default: 5 times per run; 0: at epoch ends only")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="also checkpoint every N steps (0: only at evaluations and epoch ends)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>-<timestamp>)")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue the run in --out (or from a checkpoint file / run dir given here)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--parts-per-chunk", type=int, default=2)
+    p.add_argument("--no-loader-bench", action="store_true", help="skip the loader-alone timing pass")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    for name in ("valid_batch_size", "epochs", "grad_accum", "log_every", "keep", "parts_per_chunk"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    for name in ("batch_size", "max_steps", "threads", "embedding_dim"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:
+        p.error("learning rates must be > 0")
+    return a
+
+
+def _check_dataset(path: str):
+    from ctrflow.etl.schema import Schema, SchemaError
+
+    if not os.path.isdir(path):
+        raise UsageError(f"--data {path}: no such directory (run `python etl/run.py` first)")
+    try:
+        schema = Schema.load(path)
+    except SchemaError as e:
+        raise UsageError(f"--data {path} is not a processed dataset: {e}") from None
+    for split in ("train", "valid"):
+        d = os.path.join(path, split)
+        if not os.path.isdir(d) or not any(n.endswith(".parquet") for n in os.listdir(d)):
+            raise UsageError(f"--data {path} has no {split}/*.parquet: not a processed dataset")
+    if not schema.label:
+        raise UsageError(f"--data {path}: schema.json declares no label column")
+    return schema
+
+
+def build_model(a: argparse.Namespace, schema: Any):
+    """The model the arguments describe, sized from the dataset's schema."""
+    from ctrflow.models import DLRM, TabularModel
+
+    if a.model == "tabular":
+        return TabularModel.from_schema(schema, layers=a.layers or [512, 256], max_dim=a.embedding_dim or 64)
+    d = a.embedding_dim or 16
+    return DLRM.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*(a.bottom_layers or [512, 256]), d],
+                            over_arch_layer_sizes=[*(a.layers or [512, 256]), 1])
+
+
+def _run_dir(a: argparse.Namespace) -> str:
+    if isinstance(a.resume, str):
+        target = os.path.abspath(a.resume)
+        if os.path.isfile(target):  # run/checkpoints/ckpt-N.pt -> run
+            return a.out or os.path.dirname(os.path.dirname(target))
+        return a.out or target
+    if a.resume and not a.out:
+        raise UsageError("--resume needs the run directory: pass --out RUN_DIR (or --resume RUN_DIR)")
+    return a.out or os.path.join("runs", f"{a.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _eval_every(a: argparse.Namespace, make_train) -> int:
+    """``--eval-every``, or by default a fifth of the run (so the curve has five validation points)."""
+    if a.eval_every is not None:
+        return a.eval_every
+    with make_train() as loader:
+        steps = -(-len(loader) // a.grad_accum) * a.epochs
+    return max(1, -(-min(steps, a.max_steps or steps) // 5))
+
+
+def _loader_alone(make, batches: int) -> float:
+    """Rows/s of one pass of a fresh loader, with no model: what the data path alone delivers."""
+    rows = 0
+    t0 = time.perf_counter()
+    with make() as loader:
+        for i, b in enumerate(loader):
+            rows += len(b)
+            if i + 1 >= batches:
+                break
+    return rows / max(time.perf_counter() - t0, 1e-9)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from ctrflow.loader.loader import Loader
+    from ctrflow.train.checkpoint import CheckpointError
+    from ctrflow.train.trainer import TrainConfig, Trainer, resolve_device
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    schema = _check_dataset(a.data)
+    device = resolve_device(a.device)
+    try:
+        model = build_model(a, schema)
+    except ValueError as e:
+        raise UsageError(f"the dataset's schema does not fit --model {a.model}: {e}") from None
+    out = _run_dir(a)
+    if a.resume:
+        from ctrflow.train.checkpoint import latest_checkpoint
+
+        ck = a.resume if isinstance(a.resume, str) and os.path.isfile(a.resume) else None
+        if ck is None and latest_checkpoint(os.path.join(out, "checkpoints")) is None:
+            raise CheckpointError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}")
+    tuned = DEFAULTS[a.model]
+    if a.batch_size is None:
+        a.batch_size = tuned["batch_size"]
+    lr = a.lr if a.lr is not None else (tuned["lr"] if a.optimizer == "adam" else DEFAULTS["lr"][a.optimizer])
+    elr = a.embedding_lr
+    if elr is None:
+        emb_opt = a.embedding_optimizer or a.optimizer
+        elr = tuned["embedding_lr"] if emb_opt == "adam" else DEFAULTS["embedding_lr"][emb_opt]
+    amp = {"auto": "auto", "bf16": True, "off": False}[a.amp]
+    loader_device = device if device.type == "cuda" else "cpu"
+
+    def make_train():
+        return Loader(os.path.join(a.data, "train"), a.batch_size, shuffle=True, seed=a.seed,
+                      parts_per_chunk=a.parts_per_chunk, device=loader_device)
+
+    cfg = TrainConfig(
+        task=a.task, optimizer=a.optimizer, lr=lr, embedding_lr=elr, embedding_optimizer=a.embedding_optimizer,
+        warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
+        max_steps=a.max_steps, grad_accum=a.grad_accum,
+        eval_every=_eval_every(a, make_train), log_every=a.log_every, checkpoint_every=a.checkpoint_every,
+        keep_checkpoints=a.keep, amp=amp, device=str(device), progress=False if a.no_progress else None,
+        extra={"argv": {k: v for k, v in vars(a).items()}, "data": os.path.abspath(a.data)},
+    )
+    trainer = Trainer(model, cfg, out_dir=out)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json.tmp"), "w") as f:
+        json.dump({"args": vars(a), "model": getattr(model, "config", None), "lr": lr}, f, indent=2, default=str)
+    os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
+    with make_train() as train, Loader(os.path.join(a.data, "valid"), a.valid_batch_size, shuffle=False,
+                                       parts_per_chunk=a.parts_per_chunk, device=loader_device) as valid:
+        summary = trainer.fit(train, valid, resume=a.resume)
+        n_train = len(train)
+    summary["loader_rows_per_s"] = None if a.no_loader_bench else _loader_alone(make_train, n_train)
+    summary["oracle"] = (schema.metadata.get("synthetic") or {}).get("oracle")
+    summary["run_dir"] = out
+    summary["model"] = a.model
+    with open(os.path.join(out, "summary.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    return summary
+
+
+def report(s: dict[str, Any], task: str) -> str:
+    """The end-of-run text: validation metrics, throughput, oracle comparison."""
+    v = s["valid"] or {}
+    lines = [f"{s['model']}: {s['steps']} steps, {s['epochs']} epoch(s), {s['rows']:,} rows in {s['seconds']:.1f}s"]
+    if task == "binary":
+        lines.append(f"validation AUC {v.get('auc', float('nan')):.5f}  logloss {v.get('logloss', float('nan')):.5f}"
+                     f"  AP {v.get('ap', float('nan')):.5f}  ({v.get('rows', 0):,} rows)")
+        oracle = s.get("oracle") or {}
+        if "valid_auc" in oracle:
+            gap = v.get("auc", float("nan")) - oracle["valid_auc"]
+            oll = oracle.get("valid_logloss", float("nan"))
+            lines.append(f"oracle AUC     {oracle['valid_auc']:.5f}  logloss {oll:.5f}  (model - oracle {gap:+.5f})")
+    else:
+        lines.append(f"validation RMSE {v.get('rmse', float('nan')):.5f}  ({v.get('rows', 0):,} rows)")
+    ldr = s.get("loader_rows_per_s")
+    lines.append(f"throughput: {s['rows_per_s']:,.0f} rows/s whole run (training + evaluation)"
+                 + (f", loader alone {ldr:,.0f} rows/s" if ldr else ""))
+    lines.append(f"run dir: {s['run_dir']}  checkpoint: {s['checkpoint']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 bad input or a diverged run)."""
+    from ctrflow.etl.schema import SchemaError
+    from ctrflow.train.checkpoint import CheckpointError
+    from ctrflow.train.trainer import TrainingError
+
+    try:
+        a = parse_args(argv)
+        summary = run(a)
+    except (UsageError, SchemaError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # data that does not fit the model, bad loader input
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(report(summary, a.task))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

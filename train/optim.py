@@ -1,0 +1,256 @@
+"""Optimizers that update only the embedding rows a batch used, and the default optimizer setup.
+
+Sparse embedding gradients (``FusedEmbedding(sparse=True)``, ``nn.Embedding(sparse=True)``) hold one
+row per lookup. The optimizers here merge duplicate rows once (sort-based ``unique``) and then read
+and write only those rows of the weight and of the optimizer state, so a step costs O(rows used * D)
+whatever the table size:
+
+* :class:`RowWiseAdagrad`: Adagrad with one accumulator per row (mean of the squared row gradient),
+  FBGEMM's ``EXACT_ROWWISE_ADAGRAD``; 1/D of Adagrad's state memory.
+* :class:`LazyAdam`: Adam whose moments of a row move only when the row is used (``SparseAdam``'s
+  rule, without its per-step coalesce of the whole gradient).
+* :class:`SparseSGD`: plain SGD via ``index_add_``.
+
+Dense gradients are accepted too (every row is then "used"), so they also work on any parameter.
+:func:`build_optimizers` pairs one of them for the sparse embedding weights with the matching
+``torch.optim`` optimizer for everything else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from ctrflow.models.embedding import sparse_embedding_modules
+from torch import nn
+
+OPTIMIZERS = ("adam", "adagrad", "sgd")
+
+
+def unique_rows(idx: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(unique ids [U], inverse [N])`` of row ids [N] (``uniq[inv] == idx``; uniq in no set order).
+
+    With ``scratch`` (an int32 tensor of one entry per table row, contents irrelevant) the work is
+    O(N) scatters and gathers and never touches the rest of the table: write each lookup's position
+    at its row, keep the lookups that read their own position back (one per distinct row), then
+    number those. That is several times faster on the CPU than ``torch.unique``'s sort, and the
+    result does not depend on which duplicate wins. Without ``scratch``: ``torch.unique``.
+    """
+    if scratch is None:
+        return torch.unique(idx, return_inverse=True)
+    n = idx.numel()
+    pos = torch.arange(n, dtype=scratch.dtype, device=idx.device)
+    scratch.index_copy_(0, idx, pos)
+    uniq = idx[scratch.index_select(0, idx) == pos]
+    scratch.index_copy_(0, uniq, pos[: uniq.numel()])
+    return uniq, scratch.index_select(0, idx).long()
+
+
+class _RowOptimizer(torch.optim.Optimizer):
+    """Base of the row-sparse optimizers: merges duplicate rows of a sparse gradient."""
+
+    def _rows(self, p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Deduplicated ``(row ids [U], summed row gradients [U, ...])``; ``(None, grad)`` when dense."""
+        grad = p.grad
+        if not grad.is_sparse:
+            return None, grad
+        idx = grad._indices()[0]
+        val = grad._values()
+        if grad.is_coalesced():
+            return idx, val
+        # Scratch space (4 bytes per row, not checkpointed) for unique_rows; int32 positions.
+        scratch = self.__dict__.setdefault("_scratch", {})
+        dtype = torch.int32 if idx.numel() < 2**31 else torch.int64
+        buf = scratch.get(id(p))
+        if buf is None or buf.numel() != p.shape[0] or buf.device != p.device or buf.dtype != dtype:
+            buf = scratch[id(p)] = torch.empty(p.shape[0], dtype=dtype, device=p.device)
+        uniq, inv = unique_rows(idx, buf)
+        summed = torch.zeros((uniq.numel(), *val.shape[1:]), dtype=val.dtype, device=val.device)
+        summed.index_add_(0, inv, val)
+        return uniq, summed
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_scratch", None)
+        return state
+
+
+class RowWiseAdagrad(_RowOptimizer):
+    """Row-wise Adagrad: ``s[r] += mean(g[r]**2)``, ``w[r] -= lr * g[r] / (sqrt(s[r]) + eps)``.
+
+    Args:
+        params: parameters (2-D for the row-wise rule; 1-D are treated as one row each element).
+        lr: learning rate.
+        eps: added to the root of the accumulator.
+        initial_accumulator_value: start value of every row's accumulator.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.01, eps: float = 1e-8,
+                 initial_accumulator_value: float = 0.0) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch signature
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["sum"] = torch.full((p.shape[0],), group["initial_accumulator_value"],
+                                              dtype=torch.float32, device=p.device)
+                rows, g = self._rows(p)
+                g2 = g.float().pow(2)
+                g2 = g2.mean(dim=1) if g2.dim() > 1 else g2
+                if rows is None:
+                    s = state["sum"].add_(g2)
+                    scale = s.sqrt().add_(group["eps"]).reciprocal_().mul_(-group["lr"])
+                    p.add_(g * (scale[:, None] if g.dim() > 1 else scale).to(p.dtype))
+                else:
+                    s = state["sum"].index_select(0, rows).add_(g2)
+                    state["sum"].index_copy_(0, rows, s)
+                    scale = s.sqrt().add_(group["eps"]).reciprocal_().mul_(-group["lr"])
+                    p.index_add_(0, rows, (g * (scale[:, None] if g.dim() > 1 else scale)).to(p.dtype))
+        return loss
+
+
+class LazyAdam(_RowOptimizer):
+    """Adam that moves a row's moments only when the row is used (``torch.optim.SparseAdam``'s rule).
+
+    Args: params, lr, betas, eps: as ``torch.optim.Adam``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
+                rows, g = self._rows(p)
+                m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
+                if rows is None:
+                    m_all.mul_(b1).add_(g, alpha=1 - b1)
+                    v_all.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    p.addcdiv_(m_all, v_all.sqrt().add_(group["eps"]), value=-step_size)
+                    continue
+                m = m_all.index_select(0, rows).mul_(b1).add_(g, alpha=1 - b1)
+                v = v_all.index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+                m_all.index_copy_(0, rows, m)
+                v_all.index_copy_(0, rows, v)
+                p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)
+        return loss
+
+
+class SparseSGD(torch.optim.Optimizer):
+    """SGD without momentum; a sparse gradient is applied with one ``index_add_`` (duplicates add up)."""
+
+    def __init__(self, params: Iterable, lr: float = 0.01) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    p.index_add_(0, g._indices()[0], g._values().to(p.dtype), alpha=-group["lr"])
+                else:
+                    p.add_(g, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizers(
+    model: nn.Module,
+    name: str = "adagrad",
+    lr: float = 0.01,
+    embedding_lr: float | None = None,
+    weight_decay: float = 0.0,
+    embedding_optimizer: str | None = None,
+) -> list[torch.optim.Optimizer]:
+    """The trainer's default optimizers: one for sparse embedding weights, one for the rest.
+
+    Args:
+        model: the model; weights of :func:`sparse_embedding_modules` get the sparse optimizer.
+        name: ``adam``, ``adagrad`` or ``sgd``.
+        lr: learning rate of the dense parameters.
+        embedding_lr: learning rate of the sparse embeddings (default: ``lr``).
+        weight_decay: L2 on the dense parameters only (a lazy optimizer cannot decay unused rows).
+        embedding_optimizer: rule for the sparse embeddings (default: ``name``), e.g. Adam for the
+            MLPs with row-wise Adagrad for the tables.
+
+    Returns:
+        A list of one or two optimizers (those with no parameters are left out).
+    """
+    name = name.lower()
+    emb_name = (embedding_optimizer or name).lower()
+    for n in (name, emb_name):
+        if n not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {n!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if lr <= 0 or (embedding_lr is not None and embedding_lr <= 0):
+        raise ValueError(f"learning rates must be > 0, got lr={lr}, embedding_lr={embedding_lr}")
+    sparse_ids = {id(m.weight) for m in sparse_embedding_modules(model)}
+    sparse = [p for p in model.parameters() if id(p) in sparse_ids and p.requires_grad]
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids and p.requires_grad]
+    elr = embedding_lr if embedding_lr is not None else lr
+    out: list[torch.optim.Optimizer] = []
+    if dense:
+        # Fused kernels: one pass over all dense parameters instead of a chain of foreach ops.
+        dev = dense[0].device.type
+        if name == "adam":
+            out.append(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, fused=dev in ("cpu", "cuda")))
+        elif name == "adagrad":
+            out.append(torch.optim.Adagrad(dense, lr=lr, weight_decay=weight_decay, fused=dev == "cpu"))
+        else:
+            out.append(torch.optim.SGD(dense, lr=lr, weight_decay=weight_decay))
+    if sparse:
+        cls = {"adam": LazyAdam, "adagrad": RowWiseAdagrad, "sgd": SparseSGD}[emb_name]
+        out.append(cls(sparse, lr=elr))
+    return out
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay: str = "cosine",
+              min_factor: float = 0.0) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then decay.
+
+    Args:
+        step: optimizer steps taken so far.
+        total_steps: steps of the whole run (the decay reaches ``min_factor`` there).
+        warmup_steps: linear ramp from ``1 / warmup_steps`` to 1.
+        decay: ``cosine``, ``linear`` or ``none``.
+        min_factor: floor of the decay.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "none" or total_steps <= warmup_steps:
+        return 1.0
+    frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "linear":
+        return min_factor + (1 - min_factor) * (1 - frac)
+    if decay == "cosine":
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
+    raise ValueError(f"unknown decay {decay!r}; choose cosine, linear or none")

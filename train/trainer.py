@@ -1,0 +1,420 @@
+"""``Trainer``: the training loop for any ``nn.Module`` on batches from any iterable.
+
+A model is called as ``model(batch.categorical, batch.continuous)`` (or ``model(*batch[:-1])`` for a
+tuple batch whose last item is the label) and returns logits. A model may instead define seed 000's
+hooks, which then replace the defaults:
+
+* ``training_step(batch) -> loss`` (a tensor, or a dict with ``"loss"``),
+* ``validation_step(batch) -> dict`` with ``"loss"`` and/or ``"logits"`` + ``"label"`` (metrics need
+  the latter), or a ``(logits, label)`` tuple,
+* ``configure_optimizers() -> optimizer | list``; ``configure_lr_scheduler(optimizers)`` -> a
+  scheduler (or list) stepped once per optimizer step, replacing the built-in warm-up + decay.
+
+Everything a resumed run needs to continue exactly (weights, optimizer state, step, epoch, batches
+consumed in the epoch, RNG states) goes into each checkpoint; see :meth:`Trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ctrflow.train.checkpoint import (
+    CheckpointError,
+    check_fits,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
+from ctrflow.train.metrics import BinaryMetrics, RegressionMetrics
+from ctrflow.train.optim import build_optimizers, lr_factor
+from ctrflow.train.plot import plot_history
+from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
+from torch import nn
+
+
+class Trainer:
+    """Runs training, evaluation, logging and checkpointing.
+
+    Args:
+        model: any ``nn.Module`` (see the module docstring for the calling convention).
+        config: a :class:`TrainConfig` (or pass its fields as keyword arguments).
+        out_dir: run directory for ``metrics.jsonl``, ``checkpoints/``, ``curve.png``, ``tb/``;
+            None writes nothing.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None, out_dir: str | None = None,
+                 **kwargs: Any) -> None:
+        self.cfg = config or TrainConfig(**kwargs)
+        self.device = resolve_device(self.cfg.device)
+        self.model = model.to(self.device)
+        amp = self.cfg.amp
+        self.amp = self.device.type == "cuda" if amp == "auto" else bool(amp)
+        self.out_dir = out_dir
+        self.ckpt_dir = os.path.join(out_dir, "checkpoints") if out_dir else None
+        if hasattr(model, "configure_optimizers"):
+            opts = model.configure_optimizers()
+            self.optimizers = list(opts) if isinstance(opts, (list, tuple)) else [opts]
+        else:
+            opts = build_optimizers(model, self.cfg.optimizer, self.cfg.lr, self.cfg.embedding_lr,
+                                    self.cfg.weight_decay, self.cfg.embedding_optimizer)
+            self.optimizers = opts
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+        sched = model.configure_lr_scheduler(self.optimizers) if hasattr(model, "configure_lr_scheduler") else None
+        self.schedulers = [] if sched is None else (list(sched) if isinstance(sched, (list, tuple)) else [sched])
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.total_steps = 0
+        self.history: dict[str, list[dict[str, Any]]] = {"train": [], "valid": []}
+        self.last_checkpoint: str | None = None
+        self._trackers: list[Any] = []
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for NaN
+
+    # ----------------------------------------------------------------- steps
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def _to_device(self, batch: Any) -> Any:
+        if hasattr(batch, "to"):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
+        return batch
+
+    def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B], labels [B]) from the default calling convention."""
+        if hasattr(batch, "categorical"):
+            out, y = self.model(batch.categorical, batch.continuous), batch.label
+        else:
+            *xs, y = batch
+            out = self.model(*xs)
+        out = out.float()
+        if out.dim() == 2 and out.shape[1] == 2 and self.cfg.task == "binary":
+            out = out[:, 1] - out[:, 0]  # two-class softmax == sigmoid of the logit difference
+        return out.reshape(-1), y.reshape(-1).float()
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.cfg.task == "binary":
+            return F.binary_cross_entropy_with_logits(logits, y)
+        return F.mse_loss(logits, y)
+
+    def training_step(self, batch: Any) -> torch.Tensor:
+        with self._autocast():
+            if hasattr(self.model, "training_step"):
+                loss = self.model.training_step(batch)
+                return loss["loss"] if isinstance(loss, dict) else loss
+            return self._loss(*self._forward(batch))
+
+    def _set_lr(self) -> float:
+        if self.schedulers:
+            return self.optimizers[0].param_groups[0]["lr"]
+        total = self.total_steps
+        warm = self.cfg.warmup_steps
+        warm = int(warm * total) if 0 < warm < 1 else int(warm)
+        f = lr_factor(self.step, total, warm, self.cfg.decay, self.cfg.min_lr_factor)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * f
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def _optimizer_step(self) -> float:
+        lr = self._set_lr()
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        for s in self.schedulers:
+            s.step()
+        self.step += 1
+        return lr
+
+    def _check_finite(self) -> None:
+        """Raise :class:`TrainingError` for the first non-finite loss since the last check."""
+        if not self._pending:
+            return
+        steps, losses = zip(*self._pending, strict=False)
+        self._pending = []
+        finite = torch.isfinite(torch.stack(losses)).tolist()
+        if all(finite):
+            return
+        i = finite.index(False)
+        raise TrainingError(
+            f"loss is {losses[i].item()} at step {steps[i]} (epoch {self.epoch}); "
+            f"last good checkpoint: {self.last_checkpoint or 'none'}"
+        )
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, loader: Any) -> dict[str, float]:
+        """Metrics over one pass of ``loader``: ``auc``/``logloss``/``ap`` or ``rmse``/``mse``, ``loss``."""
+        was_training = self.model.training
+        self.model.eval()
+        metrics = BinaryMetrics() if self.cfg.task == "binary" else RegressionMetrics()
+        loss_sum, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        try:
+            for batch in loader:
+                batch = self._to_device(batch)
+                with self._autocast():
+                    if hasattr(self.model, "validation_step"):
+                        res = self.model.validation_step(batch)
+                        if isinstance(res, tuple):
+                            res = {"logits": res[0], "label": res[1]}
+                        elif torch.is_tensor(res):
+                            res = {"loss": res}
+                        logits, y = res.get("logits"), res.get("label", res.get("labels"))
+                        loss = res.get("loss")
+                    else:
+                        logits, y = self._forward(batch)
+                        loss = None
+                if logits is not None and y is not None:
+                    logits, y = logits.float().reshape(-1), y.float().reshape(-1)
+                    metrics.update(logits, y)
+                    loss = self._loss(logits, y) if loss is None else loss
+                if loss is not None:
+                    rows = len(y) if y is not None else 1
+                    loss_sum += loss.detach().double() * rows
+                    n += rows
+        finally:
+            self.model.train(was_training)
+        out = metrics.compute()
+        out["loss"] = loss_sum.item() / n if n else float("nan")
+        return out
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "ctrflow.checkpoint/1",
+            "model": self.model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "rng": rng_state(),
+            "history": self.history,
+            "config": {"train": asdict(self.cfg), "model": getattr(self.model, "config", None),
+                       "model_class": type(self.model).__name__},
+        }
+
+    def save(self) -> str | None:
+        """Checkpoint now (after checking the losses since the last check are finite)."""
+        self._check_finite()
+        if not self.ckpt_dir:
+            return None
+        self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.state_dict(), self.step,
+                                               self.cfg.keep_checkpoints)
+        return self.last_checkpoint
+
+    def load_state_dict(self, state: dict[str, Any], path: str = "checkpoint") -> None:
+        """Restore a checkpoint; :class:`CheckpointError` if it does not fit this model / setup."""
+        check_fits(self.model, len(self.optimizers), state, path)
+        self.model.load_state_dict(state["model"])
+        try:
+            for opt, sd in zip(self.optimizers, state["optimizers"], strict=False):
+                opt.load_state_dict(sd)
+            for s, sd in zip(self.schedulers, state.get("schedulers", []), strict=False):
+                s.load_state_dict(sd)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not fit ({e})") from None
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.history = state.get("history", {"train": [], "valid": []})
+        set_rng_state(state["rng"])
+
+    def resume(self, path: str | bool = True) -> str | None:
+        """Load ``path``, or with ``True`` the newest checkpoint of the run directory (None if none)."""
+        if path is True:
+            if not self.ckpt_dir:
+                raise CheckpointError("resume needs a run directory (out_dir)")
+            path = latest_checkpoint(self.ckpt_dir)
+            if path is None:
+                return None
+        if os.path.isdir(path):
+            found = latest_checkpoint(path) or latest_checkpoint(os.path.join(path, "checkpoints"))
+            if found is None:
+                raise CheckpointError(f"no checkpoint in {path}")
+            path = found
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        self.load_state_dict(load_checkpoint(path), path)
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, record: dict[str, Any]) -> None:
+        for t in self._trackers:
+            t.log(record)
+
+    def _say(self, bar: ProgressBar, text: str) -> None:
+        if self.cfg.verbose:
+            bar.clear()
+            print(text, file=sys.stderr, flush=True)
+
+    def fit(self, train: Any, valid: Any = None, resume: str | bool = False) -> dict[str, Any]:
+        """Train for ``epochs`` (or ``max_steps``), evaluating on ``valid`` and checkpointing.
+
+        Args:
+            train: iterable of batches with ``len()``; if it has ``set_epoch(e)`` it is called before
+                each epoch, and ``skip(n)`` (when present) starts a resumed epoch at batch ``n``
+                (otherwise the consumed batches are read and dropped).
+            valid: iterable of validation batches, or None.
+            resume: False, True (newest checkpoint of ``out_dir``, if any) or a checkpoint path.
+
+        Returns:
+            Summary: ``steps``, ``epochs``, ``rows``, ``seconds``, ``rows_per_s``, ``loader_wait_s``,
+            ``valid`` (last metrics), ``checkpoint``, ``resumed_from``.
+        """
+        cfg = self.cfg
+        resumed = self.resume(resume) if resume else None
+        if not resume and self.ckpt_dir and latest_checkpoint(self.ckpt_dir):
+            # keep-last-N would delete the newest of these and keep stale ones: refuse instead.
+            raise CheckpointError(
+                f"{self.ckpt_dir} already holds checkpoints ({os.path.basename(latest_checkpoint(self.ckpt_dir))}); "
+                "resume to continue that run, or use a new run directory"
+            )
+        per_epoch = len(train)
+        if per_epoch < 1:
+            raise ValueError("the training data yields no batch (fewer rows than one batch with drop_last?)")
+        steps_per_epoch = math.ceil(per_epoch / cfg.grad_accum)
+        self.total_steps = steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self._trackers = []
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self._trackers.append(JsonlTracker(os.path.join(self.out_dir, "metrics.jsonl")))
+            tb = tensorboard_tracker(os.path.join(self.out_dir, "tb")) if cfg.tensorboard else None
+            if tb is not None:
+                self._trackers.append(tb)
+        if resumed:
+            self._log({"kind": "resume", "step": self.step, "epoch": self.epoch, "checkpoint": resumed})
+        bar = ProgressBar(self.total_steps, enabled=cfg.progress)
+        self.model.train()
+        rows_total, wait_total, t_start = 0, 0.0, time.perf_counter()
+        win_rows, win_steps, win_batches, win_loss, t_win = 0, 0, 0, None, time.perf_counter()
+        postfix = ""
+        last_valid: dict[str, float] = {}
+        checked_first = False
+        eval_step = -1
+        boundary = self.batch_in_epoch
+        try:
+            while self.epoch < cfg.epochs and self.step < self.total_steps:
+                if hasattr(train, "set_epoch"):
+                    train.set_epoch(self.epoch)
+                skip = self.batch_in_epoch
+                if skip and hasattr(train, "skip"):
+                    train.skip(skip)
+                    skip = 0
+                it = iter(train)
+                for _ in range(skip):
+                    next(it)
+                micro = 0
+                boundary = self.batch_in_epoch
+                while self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    batch = next(it, None)
+                    wait_total += time.perf_counter() - t0
+                    if batch is None:
+                        break
+                    batch = self._to_device(batch)
+                    if not checked_first and hasattr(self.model, "check_input") and hasattr(batch, "categorical"):
+                        self.model.check_input(batch.categorical, batch.continuous)
+                        checked_first = True
+                    self.batch_in_epoch += 1
+                    loss = self.training_step(batch)
+                    (loss / cfg.grad_accum).backward()
+                    rows = len(batch) if hasattr(batch, "__len__") else 0
+                    rows_total += rows
+                    win_rows += rows
+                    d = loss.detach().float()
+                    win_loss = d if win_loss is None else win_loss + d
+                    win_batches += 1
+                    micro += 1
+                    if micro < cfg.grad_accum and self.batch_in_epoch < per_epoch:
+                        continue
+                    micro = 0
+                    self._pending.append((self.step + 1, d))
+                    if self.device.type == "cpu":
+                        self._check_finite()  # free on the CPU: stop before applying a bad step
+                    lr = self._optimizer_step()
+                    boundary = self.batch_in_epoch
+                    win_steps += 1
+                    bar.update(self.step, postfix)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        self._check_finite()
+                        dt = time.perf_counter() - t_win
+                        rec = {"kind": "train", "step": self.step, "epoch": self.epoch,
+                               "loss": win_loss.item() / win_batches, "lr": lr,
+                               "rows_per_s": win_rows / dt, "ms_per_step": 1000 * dt / win_steps}
+                        self.history["train"].append({"step": self.step, "loss": rec["loss"]})
+                        self._log(rec)
+                        postfix = f"loss {rec['loss']:.4f} {rec['rows_per_s']:,.0f} rows/s"
+                        self._say(bar, f"step {self.step}/{self.total_steps} epoch {self.epoch} "
+                                  f"loss {rec['loss']:.4f} lr {lr:.3g} {rec['rows_per_s']:,.0f} rows/s "
+                                  f"{rec['ms_per_step']:.1f} ms/step")
+                        win_rows, win_steps, win_batches, win_loss = 0, 0, 0, None
+                        t_win = time.perf_counter()
+                    if valid is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                        last_valid = self._run_eval(valid, bar)
+                        eval_step = self.step
+                    ckpt_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                    if ckpt_due or eval_step == self.step:
+                        self.save()
+                if self.step < self.total_steps or self.batch_in_epoch >= per_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = boundary = 0
+                    if valid is not None and eval_step != self.step:
+                        last_valid = self._run_eval(valid, bar)
+                        eval_step = self.step
+                    self.save()
+                else:
+                    break
+            if valid is not None and eval_step != self.step:
+                last_valid = self._run_eval(valid, bar)
+            self._check_finite()
+            if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{self.step:08d}.pt"):
+                self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            self.batch_in_epoch = boundary  # the partial accumulation is lost; redo it on resume
+            path = self.save()
+            print(f"interrupted at step {self.step}; checkpoint: {path}", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+            for t in self._trackers:
+                t.close()
+            self._trackers = []
+        seconds = time.perf_counter() - t_start
+        if self.out_dir and cfg.plot:
+            self.plot(os.path.join(self.out_dir, "curve.png"))
+        return {"steps": self.step, "epochs": self.epoch, "rows": rows_total, "seconds": seconds,
+                "rows_per_s": rows_total / seconds if seconds else float("nan"),
+                "loader_wait_s": wait_total, "valid": last_valid,
+                "checkpoint": self.last_checkpoint, "resumed_from": resumed}
+
+    def _run_eval(self, valid: Any, bar: ProgressBar) -> dict[str, float]:
+        self._check_finite()
+        t0 = time.perf_counter()
+        res = self.evaluate(valid)
+        rec = {"kind": "valid", "step": self.step, "epoch": self.epoch, **res, "seconds": time.perf_counter() - t0}
+        self.history["valid"].append({k: rec[k] for k in rec if k not in ("kind",)})
+        self._log(rec)
+        shown = " ".join(f"{k} {v:.5f}" for k, v in res.items() if k in ("auc", "logloss", "ap", "rmse"))
+        self._say(bar, f"valid step {self.step}: {shown} ({res.get('rows', 0)} rows, {rec['seconds']:.1f}s)")
+        return res
+
+    def plot(self, path: str) -> str:
+        """Write the loss / AUC (or RMSE) curve of this run's history as a PNG."""
+        return plot_history(path, self.history, "auc" if self.cfg.task == "binary" else "rmse")
