@@ -197,8 +197,9 @@ def prepare_input(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         if os.path.exists(meta_path):
             with open(meta_path) as f:
                 meta = json.load(f)
+        if meta.get("version") == synthetic.VERSION and meta.get("rows") == args.synthetic_rows:
             print(f"reusing synthetic data in {raw}", file=sys.stderr)
-        else:
+        else:  # none yet, or written by another generator version: (re)generate, atomically
             t = time.perf_counter()
             meta = synthetic.generate(raw, rows=args.synthetic_rows, seed=args.seed)
             print(f"generated {args.synthetic_rows:,} synthetic rows in {raw} ({time.perf_counter() - t:.1f} s)",
