@@ -135,3 +135,46 @@ def test_resume_from_an_incompatible_checkpoint(data, tmp_path, capsys):
     wider = [x if x != "4" else "8" for x in FAST]  # --embedding-dim 8 (and --log-every 8)
     line = _error(capsys, ["--data", str(data), "--out", str(out), "--resume", "--max-steps", "4", *wider])
     assert "does not fit the model" in line
+
+
+def test_resume_with_the_parquet_loader_is_exact(data, tmp_path):
+    """Trainer + ctrflow.loader.Loader: a crash mid-epoch, then resume, gives the uninterrupted weights."""
+    import torch
+    from ctrflow.loader.loader import Loader
+    from ctrflow.models import DLRM
+    from ctrflow.train import Trainer
+
+    class Crashing:
+        def __init__(self, loader, at):
+            self.loader, self.at, self.seen = loader, at, 0
+
+        def __len__(self):
+            return len(self.loader)
+
+        def set_epoch(self, e):
+            self.loader.set_epoch(e)
+
+        def __iter__(self):
+            for b in self.loader:
+                self.seen += 1
+                if self.seen > self.at:
+                    raise KeyError("crash")
+                yield b
+
+    def model():
+        torch.manual_seed(0)
+        return DLRM(CARDS, N_CONT, 4, [8, 4], [8, 1])
+
+    cfg = {"optimizer": "adam", "lr": 0.01, "epochs": 2, "checkpoint_every": 3, "verbose": False,
+           "progress": False, "plot": False, "tensorboard": False}
+    full = model()
+    with Loader(data / "train", 128, seed=3) as train:
+        Trainer(full, out_dir=str(tmp_path / "a"), **cfg).fit(train)
+    with Loader(data / "train", 128, seed=3) as train, pytest.raises(KeyError):
+        Trainer(model(), out_dir=str(tmp_path / "b"), **cfg).fit(Crashing(train, at=17))
+    resumed = model()
+    with Loader(data / "train", 128, seed=3) as train:
+        out = Trainer(resumed, out_dir=str(tmp_path / "b"), **cfg).fit(train, resume=True)
+    assert out["resumed_from"].endswith("ckpt-00000015.pt")
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

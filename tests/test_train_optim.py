@@ -90,3 +90,18 @@ def test_lr_schedule():
     assert lr_factor(100, 100, warmup_steps=10, decay="linear") == pytest.approx(0.0)
     assert lr_factor(55, 100, warmup_steps=10, decay="cosine") == pytest.approx(0.5)
     assert lr_factor(50, 100, decay="none") == 1.0
+
+
+def test_lazy_adam_row_steps_bias_corrects_per_row():
+    def run(row_steps):
+        p = nn.Parameter(torch.zeros(10, 2))
+        opt = LazyAdam([p], lr=0.1, row_steps=row_steps)
+        for t in range(200):
+            row = 5 if t == 199 else 0  # row 5 is first used at step 200
+            p.grad = torch.sparse_coo_tensor(torch.tensor([[row]]), torch.tensor([[1.0, -2.0]]), (10, 2),
+                                             check_invariants=True)
+            opt.step()
+        return p.data[5]
+
+    torch.testing.assert_close(run(True), torch.tensor([-0.1, 0.1]))  # a fresh Adam's first step: lr
+    torch.testing.assert_close(run(False), torch.tensor([-0.1347, 0.1347]), atol=1e-4, rtol=0)  # global step

@@ -20,7 +20,7 @@ class TrainConfig:
 
     Attributes:
         task: ``binary`` (BCE-with-logits; AUC, logloss, AP) or ``regression`` (MSE; RMSE).
-        optimizer, lr, embedding_lr, embedding_optimizer, weight_decay: see
+        optimizer, lr, embedding_lr, embedding_optimizer, row_steps, weight_decay: see
             :func:`ctrflow.train.optim.build_optimizers`.
         warmup_steps: linear warm-up steps (a value < 1 is a share of the total steps).
         decay: ``cosine``, ``linear`` or ``none`` after the warm-up; ``min_lr_factor`` is its floor.
@@ -41,6 +41,7 @@ class TrainConfig:
     lr: float = 0.01
     embedding_lr: float | None = None
     embedding_optimizer: str | None = None
+    row_steps: bool = True
     weight_decay: float = 0.0
     warmup_steps: float = 0
     decay: str = "cosine"

@@ -35,7 +35,7 @@ from typing import Any  # noqa: E402
 # Tuned for one epoch of the embedded generator's 1.8M rows (bench/RESULTS.md, "Training"): Adam on
 # the MLPs, lazy Adam on the tables. Other optimizers get generic defaults.
 DEFAULTS = {
-    "dlrm": {"batch_size": 2048, "lr": 3e-3, "embedding_lr": 0.1},
+    "dlrm": {"batch_size": 512, "lr": 1e-3, "embedding_lr": 0.05},
     "tabular": {"batch_size": 512, "lr": 1e-3, "embedding_lr": 0.05},
     "lr": {"adagrad": 0.01, "sgd": 0.1},
     "embedding_lr": {"adagrad": 1.0, "sgd": 1.0},
@@ -66,15 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(prog="train/fit.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", default="data/processed", help="processed dataset dir (etl/run.py output)")
     p.add_argument("--model", choices=("dlrm", "tabular"), default="dlrm")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 2048 (dlrm), 512 (tabular)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 512 (400000 works too, memory permitting)")
     p.add_argument("--valid-batch-size", type=int, default=65536)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     p.add_argument("--optimizer", choices=("adagrad", "adam", "sgd"), default="adam")
     p.add_argument("--lr", type=float, default=None,
-                   help="MLP learning rate (default: adam 3e-3 (tabular 1e-3), adagrad 0.01, sgd 0.1)")
+                   help="MLP learning rate (default: adam 1e-3, adagrad 0.01, sgd 0.1)")
     p.add_argument("--embedding-lr", type=float, default=None,
-                   help="learning rate of the tables (default: adam 0.1 (tabular 0.05), adagrad 1.0, sgd 1.0)")
+                   help="learning rate of the tables (default: adam 0.05, adagrad 1.0, sgd 1.0)")
     p.add_argument("--embedding-optimizer", choices=("adagrad", "adam", "sgd"), default=None,
                    help="rule for the embedding tables (default: --optimizer; row-wise Adagrad / lazy Adam)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up steps (< 1: share of the run)")
