@@ -123,6 +123,7 @@ def run_ctrflow(raw: str, out: str, profile: str | None = None) -> dict[str, Any
 
     import dask
     import pandas as pd
+
     from ctrflow.etl import Dataset, Workflow, get_embedding_sizes
     from ctrflow.etl.ops import Categorify, Clip, FillMissing, Label, LogOp, Normalize
 

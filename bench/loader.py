@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
 from ctrflow.etl.schema import ColumnSchema, Schema, SchemaError
 from ctrflow.loader import Loader
 

@@ -16,6 +16,7 @@ from typing import Any
 import dask
 import dask.dataframe as dd
 import pandas as pd
+
 from ctrflow.etl import readers
 from ctrflow.etl.readers import DatasetError, Piece
 from ctrflow.etl.schema import Schema

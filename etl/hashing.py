@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from ctrflow.etl.dispatch import nan_to_null
 
 OFFSET = np.uint64(0xCBF29CE484222325)

@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
 from ctrflow.etl import dispatch
 
 CRITEO_CONTS = [f"I{i}" for i in range(1, 14)]

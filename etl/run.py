@@ -227,6 +227,7 @@ def _fits_in_memory(dataset: Any, share: float = 0.25) -> bool:
 def random_split(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     """Row-level random train / valid split, reproducible from ``seed`` (per partition)."""
     import numpy as np
+
     from ctrflow.etl import Dataset
 
     ddf = dataset.to_ddf()

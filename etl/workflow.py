@@ -20,6 +20,7 @@ from typing import Any
 
 import dask
 import pyarrow.parquet as pq
+
 from ctrflow.etl import dispatch
 from ctrflow.etl.dataset import Dataset
 from ctrflow.etl.graph import Node, Selectable, as_node, graph_from_dict, graph_to_dict

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+
 from ctrflow.loader.plan import Slice
 from ctrflow.loader.pool import BufferPool
 from ctrflow.loader.source import Columns, Source

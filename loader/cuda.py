@@ -18,6 +18,7 @@ import math
 
 import pyarrow as pa
 import torch
+
 from ctrflow.loader.chunk import Chunk, fill_staging
 from ctrflow.loader.plan import Slice
 from ctrflow.loader.pool import BufferPool

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from ctrflow.loader.batch import Batch
 from ctrflow.loader.chunk import Chunk, CpuBuilder, read_tables
 from ctrflow.loader.plan import Slice, batches_for, epoch_chunks, rank_rows

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
 from ctrflow.etl.schema import Schema, SchemaError
 
 MIN_PIECE_ROWS = 131072

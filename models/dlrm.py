@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
+
 from ctrflow.models.embedding import FusedEmbedding, check_ids
 from ctrflow.models.sizes import as_schema, embedding_sizes
-from torch import nn
 
 
 def mlp(in_features: int, sizes: Sequence[int], last_activation: bool = True) -> nn.Sequential:

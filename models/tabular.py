@@ -19,9 +19,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
+
 from ctrflow.models.embedding import EmbeddingTables
 from ctrflow.models.sizes import as_schema, embedding_sizes
-from torch import nn
 
 
 class TabularModel(nn.Module):

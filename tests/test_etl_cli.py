@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from ctrflow.etl.run import main
 from ctrflow.etl.schema import Schema
 

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from ctrflow.etl import Dataset, Workflow, get_embedding_sizes
 from ctrflow.etl.hashing import combine_hashes, fnv1a64, hash_values
 from ctrflow.etl.ops import (

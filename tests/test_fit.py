@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from ctrflow.etl.schema import ColumnSchema, Schema
 from ctrflow.train.fit import main
 
@@ -140,6 +141,7 @@ def test_resume_from_an_incompatible_checkpoint(data, tmp_path, capsys):
 def test_resume_with_the_parquet_loader_is_exact(data, tmp_path):
     """Trainer + ctrflow.loader.Loader: a crash mid-epoch, then resume, gives the uninterrupted weights."""
     import torch
+
     from ctrflow.loader.loader import Loader
     from ctrflow.models import DLRM
     from ctrflow.train import Trainer

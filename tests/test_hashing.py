@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+
 from ctrflow.etl.hashing import OFFSET, PRIME, combine_hashes, fnv1a64, hash_values, null_hash
 
 MASK = 0xFFFFFFFFFFFFFFFF

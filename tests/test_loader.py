@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 
-import ctrflow.loader.source as source_mod
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+import ctrflow.loader.source as source_mod
 from ctrflow.etl.schema import ColumnSchema, Schema
 from ctrflow.loader import Batch, Loader
 from ctrflow.loader.plan import batches_for, rank_rows

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ctrflow.loader.source as source_mod
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+import ctrflow.loader.source as source_mod
 from ctrflow.loader import Loader
 
 pytestmark = [

@@ -7,12 +7,13 @@ import os
 import threading
 import traceback
 
-import ctrflow.loader.chunk as chunk_mod
-import ctrflow.loader.source as source_mod
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+import ctrflow.loader.chunk as chunk_mod
+import ctrflow.loader.source as source_mod
 from ctrflow.loader import Loader
 
 

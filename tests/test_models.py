@@ -6,9 +6,10 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
+
 from ctrflow.etl.schema import ColumnSchema, Schema
 from ctrflow.models import DLRM, EmbeddingTables, FusedEmbedding, InteractionArch, TabularModel
-from torch import nn
 
 CARDS = [7, 3, 50, 11]
 

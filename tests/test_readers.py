@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from ctrflow.etl.dataset import Dataset
 from ctrflow.etl.readers import CRITEO_COLUMNS, DatasetError
 

@@ -7,10 +7,11 @@ import os
 
 import pytest
 import torch
+from torch import nn
+
 from ctrflow.models import DLRM, TabularModel
 from ctrflow.train import CheckpointError, TensorLoader, Trainer, TrainingError, latest_checkpoint
 from ctrflow.train.checkpoint import list_checkpoints
-from torch import nn
 
 CARDS = [6, 9, 4]
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from ctrflow.train.metrics import BinaryMetrics, RegressionMetrics, average_precision, roc_auc
 
 sk = pytest.importorskip("sklearn.metrics")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from ctrflow.models import DLRM, FusedEmbedding
 from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, build_optimizers, lr_factor, unique_rows
-from torch import nn
 
 
 def _grads(steps: int = 3, rows: int = 40, dim: int = 4):

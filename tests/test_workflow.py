@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from ctrflow.etl import ColumnSelector, Dataset, Workflow, get_embedding_sizes, readers
 from ctrflow.etl.graph import Node
 from ctrflow.etl.ops import (

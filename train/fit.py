@@ -180,6 +180,7 @@ def _loader_alone(make, batches: int) -> float:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     import torch
+
     from ctrflow.loader.loader import Loader
     from ctrflow.train.checkpoint import CheckpointError
     from ctrflow.train.trainer import TrainConfig, Trainer, resolve_device

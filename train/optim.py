@@ -23,8 +23,9 @@ import math
 from collections.abc import Iterable
 
 import torch
-from ctrflow.models.embedding import sparse_embedding_modules
 from torch import nn
+
+from ctrflow.models.embedding import sparse_embedding_modules
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 

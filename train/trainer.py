@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from ctrflow.train.checkpoint import (
     CheckpointError,
     check_fits,
@@ -40,7 +42,6 @@ from ctrflow.train.metrics import BinaryMetrics, RegressionMetrics
 from ctrflow.train.optim import build_optimizers, lr_factor
 from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
-from torch import nn
 
 
 class Trainer:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pyarrow as pa
+
 from ctrflow.etl import dispatch
 from ctrflow.etl.schema import embedding_dim, id_dtype
 

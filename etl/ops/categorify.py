@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from ctrflow.etl import dispatch
 from ctrflow.etl.hashing import hash_values
 from ctrflow.etl.ops.base import Operator

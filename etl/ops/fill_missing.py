@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import Operator
 from ctrflow.etl.stats import merge_columns, merge_sketches, sketch, sketch_quantiles, tree_reduce

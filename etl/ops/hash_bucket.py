@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from ctrflow.etl import dispatch
 from ctrflow.etl.hashing import hash_values
 from ctrflow.etl.ops.base import ColumnOp

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from ctrflow.etl import dispatch
 from ctrflow.etl.hashing import combine_hashes, hash_values, null_hash
 from ctrflow.etl.ops.base import Operator

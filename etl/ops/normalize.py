@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
 from ctrflow.etl.stats import merge_columns, merge_moments, moments, std_from_moments, tree_reduce

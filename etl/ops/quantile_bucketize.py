@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
 from ctrflow.etl.ops.bucketize import digitize_with_nulls
