@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from ctrflow.etl import synthetic
-from sklearn.metrics import log_loss, roc_auc_score
 
 ROWS = 20_000
 
@@ -101,22 +101,24 @@ def test_valid_has_unseen_categories(data):
 
 
 def test_oracle_matches_sklearn(data):
+    sk = pytest.importorskip("sklearn.metrics")
     out, meta = data
     model = synthetic._ClickModel(7)
     rows = synthetic._rows(model, ROWS, meta["train_rows"], [meta["train_rows"], meta["valid_rows"]])
     for split, part in zip(("train", "valid"), rows, strict=True):
         y = _read(out, split)["label"].to_numpy()
         np.testing.assert_array_equal(y, part["label"])  # files hold the labels drawn from these p
-        assert meta["oracle"][f"{split}_auc"] == pytest.approx(roc_auc_score(y, part["prob"]), abs=1e-12)
-        assert meta["oracle"][f"{split}_logloss"] == pytest.approx(log_loss(y, part["prob"]), abs=1e-9)
+        assert meta["oracle"][f"{split}_auc"] == pytest.approx(sk.roc_auc_score(y, part["prob"]), abs=1e-12)
+        assert meta["oracle"][f"{split}_logloss"] == pytest.approx(sk.log_loss(y, part["prob"]), abs=1e-9)
     assert 0.7 < meta["oracle"]["valid_auc"] < 0.85
 
 
 def test_auc_handles_ties():
+    sk = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 5_000)
     s = rng.integers(0, 7, 5_000).astype(float)  # many ties
-    assert synthetic.auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert synthetic.auc(y, s) == pytest.approx(sk.roc_auc_score(y, s), abs=1e-12)
     assert np.isnan(synthetic.auc(np.zeros(4), np.arange(4.0)))
 
 
@@ -161,3 +163,12 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="part_rows"):
         synthetic.generate(str(tmp_path / "x"), rows=100, part_rows=0)
     assert not os.listdir(tmp_path)
+
+
+def test_tiny_split_without_both_labels_stores_null(tmp_path):
+    for seed in range(40):  # 2 validation rows: some seed draws two equal labels
+        meta = synthetic.generate(str(tmp_path / "t"), rows=20, seed=seed)
+        if meta["oracle"]["valid_auc"] is None:
+            assert json.loads((tmp_path / "t" / "synthetic.json").read_text())["oracle"]["valid_auc"] is None
+            return
+    pytest.fail("no seed gave a one-class validation split")
