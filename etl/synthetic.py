@@ -14,9 +14,11 @@ Click model, ``logit = BIAS + the terms below``, ``p = sigmoid(logit)``:
   rank's row frequency, ``Q0 = 5e-3``: values seen in more than ~1 row in 200 carry their effect,
   rarer ones fade to none, so the signal sits where ~1.8M rows teach it in one epoch and the long
   tail (and any value unseen in training) is noise. Null is one more value with its own effect.
-  C12, C15, C18, C21 and C26 are uninformative (``a_c = 0``).
+  Each column's effects are then centred (row-weighted mean 0; the tail and unseen values share
+  the small constant left), so the click rate stays near 25% whatever the seed. C12, C15, C18, C21
+  and C26 are uninformative (``a_c = 0``).
 * **One pairwise interaction** C1 x C6: ``0.5 * <u[r1], v[r6]> / 2`` with 4-dim N(0, 1) factors
-  faded the same way (the dot-product interaction DLRM models).
+  faded and centred the same way (the dot-product interaction DLRM models).
 * **Continuous effects** of ``t_j = log1p(max(I_j, 0))``, missing read as ``t_j = 0`` (exactly what
   FillMissing(0) -> Clip(0) -> LogOp leaves): ``beta_j * tanh((t_j - m_j) / w_j)``, or a bump
   ``beta_j * exp(-((t_j - m_j) / w_j)^2 / 2)`` for I3 and I7. Missingness thus carries the signal of
@@ -49,7 +51,7 @@ GENERATOR = "ctrflow.synthetic"
 VERSION = 2  # bump whenever the data for a given seed changes (caches key on it)
 BLOCK_ROWS = 1 << 16
 Q0 = 5e-3  # row frequency at which a category carries half of its effect
-BIAS = -1.38  # sets the click rate near Criteo's ~25%
+BIAS = -1.33  # sets the click rate near Criteo's ~25%
 INTERACTION = ("C1", "C6", 0.5, 4)  # columns, weight b, factor dim
 
 # name: (cardinality K, Zipf exponent s, null rate, effect scale a, validation drift share)
@@ -126,6 +128,12 @@ def _fresh(k: int) -> int:
     return max(1, k // 10)
 
 
+def _weights(name: str) -> np.ndarray:
+    """Training row share [K + fresh + 1] of each id of column ``name`` (fresh ids 0, null last)."""
+    k, s, null = CATEGORICAL[name][:3]
+    return np.concatenate([(1.0 - null) * _zipf_freq(k, s), np.zeros(_fresh(k)), [null]])
+
+
 class _ClickModel:
     """Per-column parameters drawn from the seed: effect tables, interaction factors, hex salts."""
 
@@ -138,11 +146,10 @@ class _ClickModel:
             rng = _rng(seed, 1, c)
             self.salt[name] = int(rng.integers(0, 2**32))
             q = (1.0 - null) * _zipf_freq(k, s)
-            fade = q / (q + Q0)
             eff = np.zeros(k + _fresh(k) + 1)
-            eff[:k] = a * rng.standard_normal(k) * fade
+            eff[:k] = a * rng.standard_normal(k) * q / (q + Q0)
             eff[-1] = a * rng.standard_normal() if null > 0 else 0.0
-            self.effect[name] = eff
+            self.effect[name] = eff - _weights(name) @ eff  # centred: the click rate barely moves with seed
         c1, c2, _, dim = INTERACTION
         rng = _rng(seed, 2)
         self.factors = []
@@ -151,7 +158,7 @@ class _ClickModel:
             f = np.zeros((k + _fresh(k) + 1, dim))
             q = (1.0 - null) * _zipf_freq(k, s)
             f[:k] = rng.standard_normal((k, dim)) * (q / (q + Q0))[:, None]
-            self.factors.append(f)
+            self.factors.append(f - _weights(name) @ f)
 
     def logit(self, cats: np.ndarray, t: np.ndarray) -> np.ndarray:
         """True logits [n] from category ids [26, n] (-1 = null) and ``t = log1p(max(I, 0))`` [13, n]."""
@@ -324,10 +331,10 @@ def generate(
     """
     valid_rows = int(round(rows * valid_fraction))
     train_rows = rows - valid_rows
-    if train_rows < 1 or valid_rows < 1 or part_rows < 1:
+    if train_rows < 1 or valid_rows < 1 or part_rows < 1 or seed < 0:
         raise ValueError(
-            f"need at least one training and one validation row and part_rows >= 1 "
-            f"(rows={rows}, valid_fraction={valid_fraction}, part_rows={part_rows})"
+            f"need at least one training and one validation row, part_rows >= 1 and seed >= 0 "
+            f"(rows={rows}, valid_fraction={valid_fraction}, part_rows={part_rows}, seed={seed})"
         )
     model = _ClickModel(seed)
     out = os.path.abspath(output_dir)
