@@ -162,6 +162,8 @@ def test_bad_arguments(tmp_path):
         synthetic.generate(str(tmp_path / "x"), rows=5, valid_fraction=0.0)
     with pytest.raises(ValueError, match="part_rows"):
         synthetic.generate(str(tmp_path / "x"), rows=100, part_rows=0)
+    with pytest.raises(ValueError, match="seed"):
+        synthetic.generate(str(tmp_path / "x"), rows=100, seed=-1)
     assert not os.listdir(tmp_path)
 
 
