@@ -38,6 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctrflow.bench.machine import describe_machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "out")
 CATS = [f"C{i}" for i in range(1, 27)]
@@ -47,29 +49,6 @@ SPLITS = ("train", "valid")
 
 
 # ---- machine and data -------------------------------------------------------------------------
-def describe_machine() -> dict[str, Any]:
-    """CPU model, cores, memory and GPU of this machine (JSON-safe)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem_gib = None
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = "none"
-    if shutil.which("nvidia-smi"):
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                           capture_output=True, text=True)
-        gpu = r.stdout.strip().replace("\n", ", ") or "none"
-    return {"cpu": cpu, "cores": cores, "memory_gib": mem_gib, "gpu": gpu,
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
-
-
 def raw_data(rows: int, seed: int, part_rows: int, raw: str | None) -> tuple[str, float | None]:
     """Directory of raw train/valid parquet: ``raw`` as given, else generated once and reused.
 

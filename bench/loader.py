@@ -36,7 +36,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ctrflow.bench.machine import describe_machine
 from ctrflow.etl.schema import ColumnSchema, Schema, SchemaError
 from ctrflow.loader import Loader
 
@@ -58,25 +58,6 @@ NVT_SCRIPT = os.path.join(ROOT, "bench", "baselines", "nvtabular_venv.sh")
 
 
 # ---- machine and data -------------------------------------------------------------------------
-def describe_machine() -> dict[str, Any]:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pyarrow": pa.__version__,
-    }
-
-
 def generate(directory: str, rows: int, files: int = 8, row_group: int = 262144, seed: int = 0) -> None:
     """Criteo-shaped processed parquet + schema.json (written to a temp dir, then renamed)."""
     rng = np.random.default_rng(seed)
@@ -308,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": describe_machine(),
+        "machine": {**describe_machine(), "torch": torch.__version__, "pyarrow": pa.__version__},
         "loadavg_1min": {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)},
         "command": "python bench/loader.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data": {"directory": directory, "files": len(files), "rows": results["ctrflow (shuffle)"]["rows"]},

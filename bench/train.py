@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from ctrflow.bench.machine import describe_machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "out")
@@ -173,17 +174,6 @@ def worker(system: str, data: str, a: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- driver -------------------------------------------------------------------------------------
-def describe_machine() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
-
-
 def _run(python: str, system: str, data: str, argv: list[str]) -> dict[str, Any]:
     cmd = [python, os.path.abspath(__file__), "--worker", system, "--data-file", data, *argv]
     # Both systems: idle OpenMP threads sleep (a shared machine makes spinning threads stall each step).
