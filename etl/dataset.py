@@ -147,8 +147,6 @@ class Dataset:
         """Row count from parquet footers, when known without reading the data."""
         if self.engine == "parquet" and self._pieces:
             return sum(p.rows for p in self._pieces)
-        if self._ddf is not None and isinstance(self._ddf, dd.DataFrame):
-            return None
         return None
 
     @property
