@@ -36,7 +36,12 @@ class ColumnSchema:
         cardinality: number of ids (0 = padding, 1 = null, 2 = OOV, 3.. = kept values) for
             categorical and list columns; ``None`` otherwise.
         embedding_dim: suggested embedding dim for categorical and list columns.
-        max_length: longest list for list columns.
+        max_length: longest list for list columns (after any ``ListTruncate``).
+        weights: for a list column, the name of its per-element weight column (``list<float32>``,
+            same lengths), whose own kind is ``other``.
+        vocabulary: name of the vocabulary the ids come from when several columns share one
+            (``Categorify`` with a shared encoding); ids of columns with the same ``vocabulary`` mean the
+            same value, so a model may look them up in one table. ``None``: the column's own vocabulary.
     """
 
     name: str
@@ -45,6 +50,8 @@ class ColumnSchema:
     cardinality: int | None = None
     embedding_dim: int | None = None
     max_length: int | None = None
+    weights: str | None = None
+    vocabulary: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
