@@ -169,7 +169,12 @@ def factorize(series: Any) -> tuple[np.ndarray, pa.Array]:
     if isinstance(series.dtype, pd.CategoricalDtype):
         cats = series.cat.categories
         return series.cat.codes.to_numpy(), pa.Array.from_pandas(cats)
-    arr = nan_to_null(to_arrow(series))
+    return factorize_arrow(to_arrow(series))
+
+
+def factorize_arrow(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """``factorize`` of an arrow array (e.g. a list column's flat values): codes [N] (-1 null), uniques."""
+    arr = nan_to_null(arr)
     if pa.types.is_dictionary(arr.type):
         enc = arr
     else:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ctrflow.etl import dispatch
+from ctrflow.etl import dispatch, lists
 
 CRITEO_CONTS = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATS = [f"C{i}" for i in range(1, 27)]
@@ -44,7 +44,8 @@ class Piece:
 
 # ---- dtype normalisation -------------------------------------------------------------------
 def normalize_arrow(table: pa.Table) -> pa.Table:
-    """Strings to dictionary, other numerics to int64 / float64, one chunk per column."""
+    """Strings to dictionary, other numerics to int64 / float64, lists to ``list<string | int64 |
+    float64>`` (``lists.normal_list_type``), one chunk per column."""
     cols, fields = [], []
     for name, col in zip(table.column_names, table.columns, strict=True):
         t = col.type
@@ -58,6 +59,8 @@ def normalize_arrow(table: pa.Table) -> pa.Table:
             col = col.cast(pa.float64())
         elif pa.types.is_null(t) or pa.types.is_boolean(t):
             col = col.cast(pa.float64())
+        elif lists.is_list_type(t):
+            col = col.cast(lists.normal_list_type(t))
         cols.append(col)
         fields.append(pa.field(name, col.type))
     table = pa.Table.from_arrays(cols, schema=pa.schema(fields))

@@ -8,6 +8,12 @@ Commands:
     python etl/run.py --input day_0.gz day_1.gz --format criteo --valid day_2.gz --output out/
     python etl/run.py --input 'raw/*.parquet' --valid-fraction 0.05 --freq-threshold 15 \\
         --auto-bins I1:20 --bucketize I2:0,1,10,100 --workers 2
+    python etl/run.py --with-sequences                   # + item_id, hist_items, tags(+_weights) lists
+    python etl/run.py --input raw.csv --cats u,item --conts x --list-cols 'tags:|,hist' --list-max-len 50 \\
+        --joint-vocab items=item,hist                    # list columns (see etl/list_args.py)
+    python etl/run.py --update out/ --input day_3.gz --format criteo --output out_day3/ [--decay 0.9]
+                      # a new day: stats merged into out/'s workflow, ids kept, new categories appended;
+                      # out_day3/ holds the day's processed data and the updated workflow (etl/update.py)
 
 Layout written (atomically): OUT/train/part-*.parquet, OUT/valid/part-*.parquet, OUT/workflow/,
 OUT/schema.json. Categorical ids int32, continuous float32, label float32.
@@ -67,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ops.add_argument("--auto-bins", action="append", default=[], metavar="COL:K",
                      help="add COL_bin from K approximate-quantile buckets (repeatable)")
     run = p.add_argument_group("execution")
+    inc = p.add_argument_group("incremental days (etl/update.py)")
+    inc.add_argument("--update", metavar="WORKFLOW_DIR",
+                     help="merge --input (a new day) into this fitted workflow (or processed dir) instead of "
+                          "fitting; writes the day's processed data and the updated workflow to --output")
+    inc.add_argument("--decay", type=float, default=None,
+                     help="with --update: multiply the stored category counts by this first (e.g. 0.9)")
+    inc.add_argument("--force", action="store_true", help="with --update: ingest an input seen before")
     run.add_argument("--output", default=DEFAULT_OUTPUT, help=f"processed dataset directory ({DEFAULT_OUTPUT})")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     run.add_argument("--engine", choices=["auto", "cpu", "gpu"], default="auto", help="pandas or cuDF")
@@ -80,13 +93,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-cache", action="store_true",
                      help="never keep the input in memory between fit and transform (it is, when under 1/4 of RAM)")
+    from ctrflow.etl import list_args
+
+    list_args.add_arguments(p)
     args = p.parse_args(argv)
+    try:
+        list_args.check(args)  # --list-cols, --list-max-len, --joint-vocab, --with-sequences
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.valid_fraction is not None and not 0 < args.valid_fraction < 1:
         raise UsageError(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
     if args.synthetic_rows < 100:
         raise UsageError(f"--synthetic-rows must be >= 100, got {args.synthetic_rows}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.update and not args.input:
+        raise UsageError("--update needs --input NEW_DAY (the new day's files)")
+    if (args.decay is not None or args.force) and not args.update:
+        raise UsageError("--decay and --force apply to --update only")
+    if args.decay is not None and not 0 < args.decay <= 1:
+        raise UsageError(f"--decay must be in (0, 1], got {args.decay}")
     if args.part_size is not None and args.part_size.isdigit():
         args.part_size = int(args.part_size)
     return args
@@ -103,9 +129,11 @@ def _col_spec(spec: str, flag: str) -> tuple[str, str]:
     return col, rest
 
 
-def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str]) -> Any:
-    """The Criteo recipe: Categorify on cats; FillMissing -> Clip(0) -> LogOp -> Normalize on conts."""
-    from ctrflow.etl import Workflow
+def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str],
+                   available: list[str] | None = None) -> Any:
+    """The Criteo recipe: Categorify on cats; FillMissing -> Clip(0) -> LogOp -> Normalize on conts;
+    list columns (and joint vocabularies) as in ``etl/list_args.py`` (``available``: the input's columns)."""
+    from ctrflow.etl import Workflow, list_args
     from ctrflow.etl.ops import (
         Bucketize,
         Categorify,
@@ -121,8 +149,12 @@ def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str]) 
     graph = [args.label] >> Label(task=args.task)
     if conts:
         graph = graph + (conts >> FillMissing(0) >> Clip(min_value=0) >> LogOp() >> Normalize())
+    joint_cats = [c for c in cats if c in list_args.joint_columns(args)]  # encoded with their joint vocabulary
+    cats = [c for c in cats if c not in joint_cats]
     if cats:
         graph = graph + (cats >> Categorify(args.freq_threshold, args.max_size, args.num_buckets))
+    graph = list_args.extend_graph(graph, args, available or [],
+                                   lambda **kw: Categorify(args.freq_threshold, args.max_size, args.num_buckets, **kw))
     for spec in args.bucketize:
         col, values = _col_spec(spec, "--bucketize")
         try:
@@ -147,32 +179,16 @@ def dask_context(args: argparse.Namespace, backend: Any) -> Iterator[Any]:
         if args.scheduler is None and args.workers is None:
             yield None
             return
-        try:
-            from distributed import Client, LocalCluster
-        except ImportError:
-            raise UsageError("--scheduler/--workers need dask.distributed: pip install distributed") from None
-        if args.scheduler:
-            try:
-                client = Client(args.scheduler, timeout="5s")
-            except (OSError, TimeoutError) as e:
-                raise UsageError(f"cannot reach the Dask scheduler at {args.scheduler} ({e}); check the address") \
-                    from None
-            cluster = None
-        else:
-            if backend.name == "gpu":
-                from dask_cuda import LocalCUDACluster
+        from ctrflow.etl.cluster import close_client, start_client
 
-                cluster = LocalCUDACluster()
-            else:
-                cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True)
-            client = Client(cluster)
-        print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
+        client, cluster = start_client(args.scheduler, args.workers, gpu=backend.name == "gpu")
+        workers = len(client.scheduler_info().get("workers", {}))
+        print(f"Dask cluster: {client.scheduler.address}, {workers} worker(s); dashboard: {client.dashboard_link}",
+              file=sys.stderr)
         try:
             yield client
         finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            close_client(client, cluster)
 
 
 def _guess_format(paths: list[str]) -> str:
@@ -192,16 +208,18 @@ def prepare_input(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     if args.input is None:
         from ctrflow.etl import synthetic
 
-        raw = os.path.join(DEFAULT_RAW, f"synthetic-{args.synthetic_rows}-seed{args.seed}")
+        seq = bool(getattr(args, "with_sequences", False))
+        raw = os.path.join(DEFAULT_RAW, f"synthetic-{args.synthetic_rows}-seed{args.seed}{'-seq' if seq else ''}")
         meta_path = os.path.join(raw, "synthetic.json")
         if os.path.exists(meta_path):
             with open(meta_path) as f:
                 meta = json.load(f)
-        if meta.get("version") == synthetic.VERSION and meta.get("rows") == args.synthetic_rows:
+        if (meta.get("version") == synthetic.VERSION and meta.get("rows") == args.synthetic_rows
+                and meta.get("sequences", {}).get("version") == (synthetic.seqs.VERSION if seq else None)):
             print(f"reusing synthetic data in {raw}", file=sys.stderr)
         else:  # none yet, or written by another generator version: (re)generate, atomically
             t = time.perf_counter()
-            meta = synthetic.generate(raw, rows=args.synthetic_rows, seed=args.seed)
+            meta = synthetic.generate(raw, rows=args.synthetic_rows, seed=args.seed, sequences=seq)
             print(f"generated {args.synthetic_rows:,} synthetic rows in {raw} ({time.perf_counter() - t:.1f} s)",
                   file=sys.stderr)
         train = Dataset(os.path.join(raw, "train"), engine="parquet", part_size=args.part_size)
@@ -243,33 +261,43 @@ def random_split(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole ETL; returns the summary it prints."""
-    from ctrflow.etl import dispatch
+    from ctrflow.etl import dispatch, list_args
     from ctrflow.etl.versions import library_versions
     from ctrflow.etl.writer import atomic_dir, write_parquet
 
     backend = dispatch.get_backend(args.engine)
+    if args.update:  # incremental day: update the saved workflow's stats instead of fitting
+        from ctrflow.etl.update import run_update
+
+        return run_update(args, backend)
     cats, conts = _split_list(args.cats), _split_list(args.conts)
     output = os.path.abspath(args.output)
     if os.path.exists(output) and not args.overwrite:
         raise UsageError(f"output {args.output} already exists: pass --overwrite to replace it")
     with dask_context(args, backend), _progress(args, backend):
         train, valid, meta = prepare_input(args)
+        from ctrflow.etl.update import input_fingerprint
+
+        seen = [r] if (r := input_fingerprint(train)) else []  # so `--update` refuses this input later
         t0 = time.perf_counter()
         extra = [_col_spec(s, "--bucketize")[0] for s in args.bucketize]
         extra += [_col_spec(s, "--auto-bins")[0] for s in args.auto_bins]
         needed = [args.label, *conts, *cats, *extra]
+        needed += [c for c in list_args.needed_columns(args, train.column_names) if c not in needed]
+        train, valid = list_args.split(train, args), list_args.split(valid, args)  # 'COL:SEP' strings -> lists
         train.check_columns(needed)
         if train.num_rows == 0:
             raise UsageError("the training input has no rows: check --input")
         if valid is not None:
             valid.check_columns(needed)
-        workflow = build_workflow(args, cats, conts)
+        workflow = build_workflow(args, cats, conts, train.column_names)
         t_fit = time.perf_counter()
         if not args.no_cache and _fits_in_memory(train):
             train = train.persist(needed)  # fit and transform then share one read of the input
         if valid is None:
             train, valid = random_split(train, args.valid_fraction or 0.1, args.seed)
         workflow.fit(train)
+        workflow.seen = seen
         fit_s = time.perf_counter() - t_fit
         schema = workflow.output_schema()
         dtypes = {c.name: c.dtype for c in schema.columns}
@@ -287,6 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise UsageError("the training input has no rows: check --input")
             workflow.meta = {"inputs": args.input or "synthetic", "format": args.format, "task": args.task}
             workflow.save(os.path.join(tmp, "workflow"))
+            list_stats = list_args.finish_schema(schema, tmp)  # max_length = longest list written
             seconds = time.perf_counter() - t0
             schema.metadata.update({
                 "rows": rows, "task": args.task, "versions": library_versions(), **meta,
@@ -296,6 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             schema.save(os.path.join(tmp, "schema.json"))
     summary = _summary(schema, workflow, rows, train_files, valid_files, seconds, fit_s, write_s, backend.name)
     summary["output"] = args.output
+    summary["lists"] = list_stats
     return summary
 
 
@@ -343,6 +373,9 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"{name:>12} {c['cardinality']:>12,} {100 * c['train_null_rate']:>11.2f} "
               f"{100 * c['train_oov_rate']:>10.2f} {100 * c['valid_null_rate']:>11.2f} "
               f"{100 * c['valid_oov_rate']:>10.2f}")
+    from ctrflow.etl import list_args
+
+    list_args.print_summary(s.get("lists", {}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,9 @@ Click model, ``logit = BIAS + the terms below``, ``p = sigmoid(logit)``:
   the six columns with K >= 286,181 are unseen in training.
 
 Nothing else carries signal, so every term is learnable from what the standard Criteo ETL keeps.
+``generate(..., sequences=True)`` (``etl/run.py --with-sequences``) adds a candidate ``item_id``, a
+newest-first click history ``hist_items`` and weighted ``tags`` whose overlap with the candidate adds
+to the logit (:mod:`ctrflow.etl.synthetic_sequences`); every other column stays byte-identical.
 With the defaults (2M rows, seed 0) the oracle validation AUC is about 0.78 at a click rate near 25%.
 The I columns share a latent "activity" factor; I3/I4/I6/I13 and I1/I10 go missing together. Rows
 are drawn in blocks of 65,536 from generators seeded by ``(seed, block)``: the data depends on
@@ -46,6 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ctrflow.etl import synthetic_sequences as seqs
+from ctrflow.etl.synthetic_sequences import SequenceModel
 
 GENERATOR = "ctrflow.synthetic"
 VERSION = 2  # bump whenever the data for a given seed changes (caches key on it)
@@ -137,8 +143,9 @@ def _weights(name: str) -> np.ndarray:
 class _ClickModel:
     """Per-column parameters drawn from the seed: effect tables, interaction factors, hex salts."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, sequences: bool = False) -> None:
         self.seed = seed
+        self.seq = SequenceModel(seed) if sequences else None  # etl/synthetic_sequences.py
         self.effect: dict[str, np.ndarray] = {}  # [K + fresh + 1]; the last entry is null's effect
         self.salt: dict[str, int] = {}
         for c, name in enumerate(CATS):
@@ -211,9 +218,13 @@ class _ClickModel:
                     dd = drng.random(n)
                     new = valid & (dd < share) & (cats[c] >= 0)
                     cats[c, new] = k + _zipf_rank(dd[new] / share, _fresh(k), s)
-        prob = 1.0 / (1.0 + np.exp(-self.logit(cats, t)))
+        z = self.logit(cats, t)
+        seq = {} if self.seq is None else self.seq.block(b, n)  # own generators: base columns unchanged
+        if seq:
+            z = z + seq["seq_term"]
+        prob = 1.0 / (1.0 + np.exp(-z))
         label = (rng.random(n) < prob).astype(np.int8)
-        return {"label": label, "ints": ints, "missing": missing, "cats": cats, "prob": prob}
+        return {"label": label, "ints": ints, "missing": missing, "cats": cats, "prob": prob, **seq}
 
 
 def _rows(model: _ClickModel, rows: int, train_rows: int, sizes: list[int]) -> Iterator[dict]:
@@ -261,7 +272,8 @@ def _table(model: _ClickModel, part: dict) -> pa.Table:
         remap = (np.cumsum(used) - 1).astype(np.int32)
         idx = pa.array(remap[ids], mask=ids < 0, type=pa.int32())
         arrays.append(pa.DictionaryArray.from_arrays(idx, _hex(np.flatnonzero(used), model.salt[name])))
-    return pa.Table.from_arrays(arrays, names=["label", *CONTS, *CATS])
+    seq = model.seq.arrays(part) if model.seq is not None else {}
+    return pa.Table.from_arrays(arrays + list(seq.values()), names=["label", *CONTS, *CATS, *seq])
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -311,6 +323,7 @@ def generate(
     seed: int = 0,
     valid_fraction: float = 0.1,
     part_rows: int = 500_000,
+    sequences: bool = False,
 ) -> dict:
     """Writes output_dir/train/part-00000.parquet..., output_dir/valid/part-*.parquet and
     output_dir/synthetic.json; returns the metadata dict.
@@ -324,6 +337,8 @@ def generate(
         seed: the data (and the click model) are a pure function of ``seed``, ``rows``, ``valid_fraction``.
         valid_fraction: share of rows, taken from the end, that form the validation split.
         part_rows: at most this many rows per parquet file (one row group per file).
+        sequences: add ``item_id``, ``hist_items``, ``tags`` and ``tags_weights`` and their click
+            effect (:mod:`ctrflow.etl.synthetic_sequences`); the other columns stay byte-identical.
 
     Returns:
         The metadata written to ``synthetic.json``: generator, seed, row counts, columns,
@@ -336,7 +351,7 @@ def generate(
             f"need at least one training and one validation row, part_rows >= 1 and seed >= 0 "
             f"(rows={rows}, valid_fraction={valid_fraction}, part_rows={part_rows}, seed={seed})"
         )
-    model = _ClickModel(seed)
+    model = _ClickModel(seed, sequences)
     out = os.path.abspath(output_dir)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -344,6 +359,7 @@ def generate(
     try:
         splits = {"train": _split_sizes(train_rows, part_rows), "valid": _split_sizes(valid_rows, part_rows)}
         files, y, p, tally = _write_parts(model, tmp, rows, train_rows, splits)
+        seq_rows = tally.pop("_seq_rows", None)
         meta = {
             "generator": GENERATOR, "version": VERSION, "seed": seed, "rows": rows,
             "train_rows": train_rows, "valid_rows": valid_rows, "valid_fraction": valid_fraction,
@@ -355,6 +371,10 @@ def generate(
                        for m, f in (("auc", auc), ("logloss", logloss))},
             "files": files,
         }
+        if model.seq is not None:
+            meta["columns"].update(item=seqs.COLUMNS["item"], lists=[seqs.COLUMNS["history"], seqs.COLUMNS["tags"]],
+                                   weights={seqs.COLUMNS["tags"]: seqs.COLUMNS["weights"]})
+            meta["sequences"] = {**seqs.meta(model.seq), "oracle_no_sequence": seqs.no_sequence_oracle(y, p, seq_rows)}
         with open(os.path.join(tmp, "synthetic.json.tmp"), "w") as f:
             json.dump(meta, f, indent=2)
         os.replace(os.path.join(tmp, "synthetic.json.tmp"), os.path.join(tmp, "synthetic.json"))
@@ -377,6 +397,7 @@ def _write_parts(model: _ClickModel, tmp: str, rows: int, train_rows: int, split
     files: dict[str, list[str]] = {s: [] for s in splits}
     labels: dict[str, list] = {s: [] for s in splits}
     probs: dict[str, list] = {s: [] for s in splits}
+    seq_rows: dict[str, list] = {s: [] for s in splits}
     stream = _rows(model, rows, train_rows, [n for sizes in splits.values() for n in sizes])
     pending = None
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -393,6 +414,8 @@ def _write_parts(model: _ClickModel, tmp: str, rows: int, train_rows: int, split
                         valid[c] += len(ids)
                 labels[split].append(part["label"])
                 probs[split].append(part["prob"])
+                if model.seq is not None:  # for the sequence-free oracle
+                    seq_rows[split].append(np.stack([part["seq_term"], part["seq_item_term"], part["seq_item"]]))
                 files[split].append(f"{split}/part-{i:05d}.parquet")
                 table = _table(model, part)
                 if pending is not None:
@@ -410,6 +433,8 @@ def _write_parts(model: _ClickModel, tmp: str, rows: int, train_rows: int, split
         "train_unique": {name: int(seen[name].sum()) for name in CATS},
         "valid_unseen_share": {name: float(unseen[c] / max(1, valid[c])) for c, name in enumerate(CATS)},
     }
+    if model.seq is not None:
+        tally["_seq_rows"] = {s: np.concatenate(v, axis=1) for s, v in seq_rows.items()}
     return files, y, p, tally
 
 

@@ -21,11 +21,12 @@ from typing import Any
 import dask
 import pyarrow.parquet as pq
 
-from ctrflow.etl import dispatch
+from ctrflow.etl import dispatch, lists
 from ctrflow.etl.dataset import Dataset
 from ctrflow.etl.graph import Node, Selectable, as_node, graph_from_dict, graph_to_dict
 from ctrflow.etl.ops.base import Operator, op_from_dict, op_to_dict
 from ctrflow.etl.schema import ColumnSchema, Schema
+from ctrflow.etl.update import input_fingerprint, update_workflow
 from ctrflow.etl.versions import library_versions
 from ctrflow.etl.writer import atomic_dir
 
@@ -86,6 +87,9 @@ class Workflow:
         self.output_node = as_node(graph)
         self.fitted = not any(n.op is not None and n.op.is_stat for n in self.output_node.walk())
         self.meta: dict[str, Any] = {}
+        self.input_dtypes: dict[str, str] = {}  # dtype of each input column at fit time (serving parses to it)
+        self.list_columns: list[str] = []  # list-typed outputs (etl/lists.py: schema kind "list")
+        self.seen: list[dict[str, Any]] = []  # fingerprints of the inputs fitted / updated on (etl/update.py)
 
     # ---- structure ------------------------------------------------------------------------
     @property
@@ -117,6 +121,8 @@ class Workflow:
         """Compute every stat op's statistics: one ``dask.compute`` per dependency level."""
         dataset.check_columns(self.input_columns)
         ddf = dataset.to_ddf(self.input_columns)
+        self.input_dtypes = {str(c): str(t) for c, t in ddf._meta.dtypes.items()}
+        self.seen = [r] if (r := input_fingerprint(dataset)) else []
         for nodes in self._stat_levels():
             lazy = []
             for node in nodes:
@@ -127,6 +133,7 @@ class Workflow:
             for node, stats in zip(nodes, computed, strict=True):
                 node.op.fit_finalize(stats)
         self.fitted = True
+        self.list_columns = lists.list_outputs(_Evaluator([self.output_node])(ddf._meta))
         return self
 
     def transform(self, dataset: Dataset) -> Dataset:
@@ -135,10 +142,45 @@ class Workflow:
             raise RuntimeError("Workflow.transform before Workflow.fit: fit it on a dataset first")
         dataset.check_columns(self.input_columns)
         ddf = dataset.to_ddf(self.input_columns)
+        self.list_columns = lists.list_outputs(_Evaluator([self.output_node])(ddf._meta))
         schema = self.output_schema()
-        evaluator = _Evaluator([self.output_node], {c.name: c.dtype for c in schema.columns if c.kind != "other"})
+        evaluator = self._partition_fn(schema)
         out = ddf.map_partitions(evaluator, meta=evaluator(ddf._meta))
         return Dataset(out, schema=schema)
+
+    def _partition_fn(self, schema: Schema) -> _Evaluator:
+        """The per-partition function of :meth:`transform` (also :meth:`transform_frame`'s: no skew)."""
+        return _Evaluator([self.output_node],
+                          {c.name: c.dtype for c in schema.columns if c.kind not in ("other", "list")})
+
+    def transform_frame(self, df: Any) -> Any:
+        """Apply the fitted graph to one in-memory frame (pandas or cudf) without Dask, e.g. to serve.
+
+        Runs exactly the function :meth:`transform` maps over each partition, so online and offline
+        outputs are the same for the same input rows (and dtypes: pass them as the fit data had them,
+        see ``input_dtypes``).
+
+        Args:
+            df: a frame holding every column of ``input_columns`` (others are ignored), B rows.
+
+        Returns:
+            A frame of the B output rows with ``output_columns``, cast to the output schema's dtypes.
+        """
+        if not self.fitted:
+            raise RuntimeError("Workflow.transform_frame before Workflow.fit: fit it on a dataset first")
+        missing = [c for c in self.input_columns if c not in df.columns]
+        if missing:
+            raise ValueError(f"transform_frame: the frame lacks input column(s) {missing}")
+        return self._partition_fn(self.output_schema())(df)  # the leaf nodes select their own columns
+
+    def update(self, dataset: Dataset, decay: float | None = None, force: bool = False,
+               source: dict[str, Any] | None = None) -> Workflow:
+        """Merge a new day's stats into the fitted ones; ids stay, new categories get ids at the end.
+
+        See :mod:`ctrflow.etl.update` (``decay``: time-decayed category counts; ``force``: ingest an
+        input seen before; ``source``: the input fingerprint to record).
+        """
+        return update_workflow(self, dataset, decay, force, source)
 
     def fit_transform(self, dataset: Dataset) -> Dataset:
         return self.fit(dataset).transform(dataset)
@@ -171,8 +213,9 @@ class Workflow:
             else:
                 info = op.column_info(source)
                 cols.append(ColumnSchema(name, info["kind"], info["dtype"] or "unknown",
-                                         info.get("cardinality"), info.get("embedding_dim")))
-        return Schema(cols)
+                                         info.get("cardinality"), info.get("embedding_dim"),
+                                         max_length=info.get("max_length"), vocabulary=info.get("vocabulary")))
+        return lists.list_schema(self, Schema(cols))
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
@@ -198,6 +241,9 @@ class Workflow:
                 "graph": graph_to_dict(self.output_node, dump),
                 "tables": tables_index,
                 "meta": self.meta,
+                "input_dtypes": self.input_dtypes,
+                "list_columns": self.list_columns,
+                "seen": self.seen,
             }
             with open(os.path.join(tmp, "workflow.json"), "w") as f:
                 json.dump(doc, f, indent=1)
@@ -251,6 +297,9 @@ class Workflow:
         wf = cls(graph_from_dict(doc["graph"], build))
         wf.fitted = bool(doc.get("fitted"))
         wf.meta = doc.get("meta", {})
+        wf.input_dtypes = doc.get("input_dtypes", {})
+        wf.list_columns = doc.get("list_columns", [])
+        wf.seen = doc.get("seen", [])
         return wf
 
     def __repr__(self) -> str:

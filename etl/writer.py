@@ -60,13 +60,21 @@ def write_partition(df: Any, path: str, dtypes: dict[str, str], row_group_size: 
     else:
         table = pa.Table.from_pandas(df, preserve_index=False)
     if dtypes:
-        fields = [pa.field(n, pa.from_numpy_dtype(dtypes[n]) if dtypes.get(n) else table.schema.field(n).type)
-                  for n in table.column_names]
+        fields = [pa.field(n, _target_type(table.schema.field(n).type, dtypes.get(n))) for n in table.column_names]
         table = table.cast(pa.schema(fields))
     rg = max(row_group_size or table.num_rows, MIN_ROW_GROUP)
     plain = compression == "none"
     pq.write_table(table, path, row_group_size=rg, compression=compression, use_dictionary=not plain)
     return table.num_rows
+
+
+def _target_type(current: pa.DataType, dtype: str | None) -> pa.DataType:
+    """The arrow type a column is cast to: ``dtype``, or ``list<dtype>`` for a list column."""
+    if not dtype:
+        return current
+    if pa.types.is_list(current) or pa.types.is_large_list(current) or pa.types.is_fixed_size_list(current):
+        return pa.list_(pa.from_numpy_dtype(dtype))
+    return pa.from_numpy_dtype(dtype)
 
 
 def write_parquet(

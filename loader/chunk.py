@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from ctrflow.loader.lists import ListStage
 from ctrflow.loader.plan import Slice
 from ctrflow.loader.pool import BufferPool
 from ctrflow.loader.source import Columns, Source
@@ -46,6 +47,8 @@ class Chunk:
         batches: number of batches K to hand out (the first K blocks).
         last_rows: rows in batch K - 1 (B unless it is the epoch's partial last batch).
         event: CUDA event the consumer waits on before using the tensors (GPU path).
+        lists: list columns ``{name: (values, offsets, weights | None)}`` of the rows handed out, in
+            batch order (see ``ctrflow.loader.lists``); empty without list columns.
     """
 
     cat: torch.Tensor
@@ -53,11 +56,12 @@ class Chunk:
     batches: int
     last_rows: int
     event: Any = None
+    lists: dict[str, Any] = field(default_factory=dict)
 
 
 def read_tables(src: Source, parts: list[Slice]) -> list[pa.Table]:
     """Decode ``parts`` (one ``read_row_groups`` call per file) into one Arrow table per slice."""
-    names = list(src.columns.cats + src.columns.floats)
+    names = list(src.columns.cats + src.columns.floats + src.columns.list_columns)
     by_file: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(parts):
         by_file[src.pieces[s.piece].file].append(i)
@@ -154,6 +158,7 @@ class CpuBuilder:
         self.out_pool = BufferPool(capacity=6, pin=pin)  # cat + flt of up to 3 chunks
         self.stage_pool = BufferPool(capacity=2)
         self.left: tuple[np.ndarray, np.ndarray] | None = None  # ([n_cat, L], [n_flt, L]) copies
+        self.list_stage = ListStage(cols.lists, cols.list_weights) if cols.lists else None
 
     def build(self, tables: list[pa.Table], seed: int | None, final: bool) -> Chunk | None:
         """Turn ``tables`` (+ leftover) into a chunk; ``None`` when no batch is complete yet.
@@ -171,16 +176,22 @@ class CpuBuilder:
         cat = self.out_pool.get((blocks, self.n_cat, self.bsz), self.cols.cat_dtype)
         flt = self.out_pool.get((blocks, self.n_flt, self.bsz), torch.float32)
         cat_np, flt_np = cat.numpy(), flt.numpy()
-        if self.shuffle:
-            self._shuffled(tables, cat_np, flt_np, left, total, seed)
+        perm = np.random.default_rng(seed).permutation(total) if self.shuffle else None
+        if perm is not None:
+            self._shuffled(tables, cat_np, flt_np, left, total, perm)
         else:
             self._direct(tables, cat_np, flt_np, left)
         full, rem = divmod(total, self.bsz)
+        lists = {}
+        if self.list_stage is not None:
+            keep = None if final or not rem else full * self.bsz
+            rows = total if final else full * self.bsz
+            lists = self.list_stage.build(tables, self.left is not None, perm, rows, keep)
         if final:
             self.left = None
-            return Chunk(cat, flt, blocks, rem or self.bsz)
+            return Chunk(cat, flt, blocks, rem or self.bsz, lists=lists)
         self.left = (cat_np[full, :, :rem].copy(), flt_np[full, :, :rem].copy()) if rem else None
-        return Chunk(cat, flt, full, self.bsz) if full else None
+        return Chunk(cat, flt, full, self.bsz, lists=lists) if full else None
 
     def _direct(self, tables: list[pa.Table], cat: np.ndarray, flt: np.ndarray, left: int) -> None:
         if self.left is not None:
@@ -195,9 +206,8 @@ class CpuBuilder:
                         pos += len(ch)
 
     def _shuffled(
-        self, tables: list[pa.Table], cat: np.ndarray, flt: np.ndarray, left: int, total: int, seed: int | None
+        self, tables: list[pa.Table], cat: np.ndarray, flt: np.ndarray, left: int, total: int, perm: np.ndarray
     ) -> None:
-        perm = np.random.default_rng(seed).permutation(total)
         bsz, blocks = self.bsz, cat.shape[0]
         scratch = {
             np.dtype(np.float32): self.stage_pool.get((total,), torch.float32).numpy(),

@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 
 from ctrflow.loader.chunk import Chunk, fill_staging
+from ctrflow.loader.lists import ListStage
 from ctrflow.loader.plan import Slice
 from ctrflow.loader.pool import BufferPool
 from ctrflow.loader.source import Source
@@ -81,6 +82,8 @@ class CudaBuilder:
         self.events: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
         self.left: tuple[torch.Tensor, torch.Tensor] | None = None
+        cols = src.columns
+        self.list_stage = ListStage(cols.lists, cols.list_weights, device) if cols.lists else None
 
     def _to_device(self, tables: list[pa.Table]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = sum(t.num_rows for t in tables)
@@ -126,12 +129,18 @@ class CudaBuilder:
                 total = d_cat.shape[1] + (self.left[0].shape[1] if self.left is not None else 0)
                 gen = torch.Generator(device=self.device).manual_seed(seed or 0)
                 perm = torch.randperm(total, device=self.device, generator=gen)
+            lists, had_left = {}, self.left is not None
+            total = d_cat.shape[1] + (self.left[0].shape[1] if had_left else 0)
             cat, flt, blocks, last, self.left = arrange(d_cat, d_flt, self.left, perm, self.bsz, final)
+            if self.list_stage is not None:  # same permutation, same leftover rows
+                full, rem = divmod(total, self.bsz)
+                keep = None if final or not rem else full * self.bsz
+                lists = self.list_stage.build(data, had_left, perm, total if final else full * self.bsz, keep)
             if blocks == 0:
                 return None
             ev = torch.cuda.Event()
             ev.record(self.stream)
-        return Chunk(cat, flt, blocks, last, event=ev)
+        return Chunk(cat, flt, blocks, last, event=ev, lists=lists)
 
 
 def arrange(
@@ -185,3 +194,7 @@ def consume(chunk: Chunk, device: torch.device) -> None:
     stream.wait_event(chunk.event)
     chunk.cat.record_stream(stream)
     chunk.flt.record_stream(stream)
+    for parts in chunk.lists.values():
+        for t in parts:
+            if t is not None:
+                t.record_stream(stream)

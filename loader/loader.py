@@ -26,6 +26,7 @@ import torch
 
 from ctrflow.loader.batch import Batch
 from ctrflow.loader.chunk import Chunk, CpuBuilder, read_tables
+from ctrflow.loader.lists import LIST_FORMATS, batch_lists
 from ctrflow.loader.plan import Slice, batches_for, epoch_chunks, rank_rows
 from ctrflow.loader.producer import EpochIterator
 from ctrflow.loader.source import resolve
@@ -86,6 +87,14 @@ class Loader(torch.utils.data.IterableDataset):
         use_cudf: GPU only: decode with cudf (``None``: when RAPIDS is installed).
         read_ahead: decode the next chunk in a helper thread while the producer converts and
             shuffles the current one (one decoded chunk more in memory; ``False`` to save it).
+        lists: list columns to deliver in ``Batch.lists`` (``None``: the schema's list columns;
+            ``[]``: none). Their rows follow the same shuffle, sharding and batching as the others.
+        list_weights: ``{list column: weight column}`` (``None``: the schema's ``weights``) ->
+            ``Batch.weights``.
+        list_format: ``"jagged"``: ``(values [N], offsets [B + 1] int64)`` per list feature;
+            ``"padded"``: ``(ids [B, L] padded with 0, lengths [B])`` (weights ``[B, L]``).
+        pad_lengths: L per list column for ``"padded"`` (an int for all; default: the schema's
+            ``max_length``, else the longest list of each batch).
 
     ``len(loader)`` is the exact number of batches per epoch (the same on every rank).
     """
@@ -108,6 +117,10 @@ class Loader(torch.utils.data.IterableDataset):
         pin_memory: bool = False,
         use_cudf: bool | None = None,
         read_ahead: bool = True,
+        lists: list[str] | None = None,
+        list_weights: dict[str, str] | None = None,
+        list_format: str = "jagged",
+        pad_lengths: int | dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -117,13 +130,18 @@ class Loader(torch.utils.data.IterableDataset):
         self.batch_size, self.parts_per_chunk = int(batch_size), int(parts_per_chunk)
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
         self.rank, self.world = _rank_world(global_rank, global_size)
-        self.source = resolve(source, cats, conts, labels)
+        if list_format not in LIST_FORMATS:
+            raise ValueError(f"list_format must be one of {', '.join(LIST_FORMATS)}, got {list_format!r}")
+        self.source = resolve(source, cats, conts, labels, lists=lists, list_weights=list_weights)
         self.columns = self.source.columns
+        self.list_format = list_format
+        self.pad_lengths = _pad_lengths(self.columns.lists, pad_lengths, self.source.schema)
         self.device = resolve_device(device)
         if self.device.type == "cuda":
             from ctrflow.loader.cuda import cudf_available
 
             self.use_cudf = cudf_available() if use_cudf is None else bool(use_cudf)
+            self.use_cudf = self.use_cudf and not self.columns.lists  # list columns: host decode
         else:
             self.use_cudf = False
         self.pin_memory = bool(pin_memory) and self.device.type == "cpu" and torch.cuda.is_available()
@@ -209,8 +227,13 @@ class Loader(torch.utils.data.IterableDataset):
         )
         n_cont, n_lab, bsz = len(self.columns.conts), len(self.columns.labels), self.batch_size
 
+        fmt, pads = self.list_format, self.pad_lengths
+
         def make_batch(chunk: Chunk, k: int) -> Batch:
-            return _batch(chunk, k, n_cont, n_lab, bsz)
+            b = _batch(chunk, k, n_cont, n_lab, bsz)
+            if chunk.lists:
+                b.lists, b.weights = batch_lists(chunk.lists, k * bsz, len(b), fmt, pads)
+            return b
 
         it = EpochIterator(chunks_iter, make_batch, on_chunk, init, name=f"ctrflow-loader-r{self.rank}")
         self._live = weakref.ref(it)
@@ -240,6 +263,18 @@ class Loader(torch.utils.data.IterableDataset):
             f"{self.rows} rows in {len(self)} batches of {self.batch_size}; {len(c.cats)} cat, "
             f"{len(c.conts)} cont, {len(c.labels)} label; shuffle={self.shuffle}, device={self.device})"
         )
+
+
+def _pad_lengths(lists: tuple[str, ...], given: int | dict[str, int] | None, schema: Any) -> dict[str, int]:
+    """L per list column for ``list_format="padded"`` (missing: each batch's longest list)."""
+    if isinstance(given, int):
+        return dict.fromkeys(lists, int(given))
+    out = dict(given or {})
+    names = {c.name for c in schema.columns} if schema is not None else set()
+    for n in lists:
+        if n not in out and n in names and schema[n].max_length:
+            out[n] = int(schema[n].max_length)
+    return out
 
 
 def _build_chunks(

@@ -36,12 +36,21 @@ class Columns:
         conts: continuous columns -> ``Batch.continuous`` [B, n_cont] float32.
         labels: label columns -> ``Batch.label`` [B] (the first) float32.
         cat_dtype: int32, or int64 when a categorical column is stored as 64-bit.
+        lists: list columns -> ``Batch.lists`` (values + offsets; see ``ctrflow.loader.lists``).
+        list_weights: the weight column of each list column (``None``: none), aligned with ``lists``.
     """
 
     cats: tuple[str, ...]
     conts: tuple[str, ...]
     labels: tuple[str, ...]
     cat_dtype: torch.dtype
+    lists: tuple[str, ...] = ()
+    list_weights: tuple[str | None, ...] = ()
+
+    @property
+    def list_columns(self) -> tuple[str, ...]:
+        """List columns and their weight columns: what is read besides ``cats`` and ``floats``."""
+        return self.lists + tuple(w for w in self.list_weights if w)
 
     @property
     def floats(self) -> tuple[str, ...]:
@@ -153,12 +162,16 @@ def resolve(
     conts: list[str] | None = None,
     labels: list[str] | None = None,
     min_piece_rows: int | None = None,
+    lists: list[str] | None = None,
+    list_weights: dict[str, str] | None = None,
 ) -> Source:
     """Resolve ``source`` and check that the requested columns exist with usable types.
 
     Args:
         source: see the module docstring.
         cats, conts, labels: column names overriding the schema's kinds (``None``: from the schema).
+        lists: list columns (``None``: the schema's, none without a schema).
+        list_weights: ``{list column: weight column}`` (``None``: the schema's ``weights`` entries).
         min_piece_rows: merge row groups of a file until a piece holds this many rows
             (``None``: ``MIN_PIECE_ROWS``).
 
@@ -173,7 +186,8 @@ def resolve(
     cats_t = tuple(cats if cats is not None else (schema.categorical if schema else []))
     conts_t = tuple(conts if conts is not None else (schema.continuous if schema else []))
     labels_t = tuple(labels if labels is not None else (schema.label if schema else []))
-    if not (cats_t or conts_t or labels_t):
+    lists_t = tuple(lists if lists is not None else (schema.lists if schema else []))
+    if not (cats_t or conts_t or labels_t or lists_t):
         raise ValueError("the loader has no columns to deliver (cats, conts and labels are all empty)")
 
     metadata = []
@@ -192,6 +206,35 @@ def resolve(
         t = arrow_schema.field(name).type
         if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
             raise TypeError(f"column {name!r} has type {t}; continuous and label columns must be numeric")
-    columns = Columns(cats_t, conts_t, labels_t, _cat_dtype(cats_t, arrow_schema, schema))
+    weights_t = _list_weights(lists_t, list_weights, schema)
+    _check_lists(lists_t, weights_t, arrow_schema)
+    columns = Columns(cats_t, conts_t, labels_t, _cat_dtype(cats_t, arrow_schema, schema), lists_t, weights_t)
     min_rows = MIN_PIECE_ROWS if min_piece_rows is None else min_piece_rows
     return Source(files, metadata, _pieces(metadata, min_rows), columns, schema)
+
+
+def _list_weights(lists: tuple[str, ...], given: dict[str, str] | None, schema: Schema | None
+                  ) -> tuple[str | None, ...]:
+    if given is not None:
+        unknown = sorted(set(given) - set(lists))
+        if unknown:
+            raise ValueError(f"list_weights names {', '.join(unknown)}, which are not loaded list columns")
+        return tuple(given.get(n) for n in lists)
+    if schema is None:
+        return (None,) * len(lists)
+    names = {c.name for c in schema.columns}
+    return tuple(schema[n].weights if n in names else None for n in lists)
+
+
+def _check_lists(lists: tuple[str, ...], weights: tuple[str | None, ...], arrow_schema: pa.Schema) -> None:
+    for name, weight in zip(lists, weights, strict=True):
+        for col, want in ((name, "integer"), (weight, "floating")):
+            if col is None:
+                continue
+            if arrow_schema.get_field_index(col) < 0:
+                raise ValueError(f"the data has no list column {col!r} (it has: {', '.join(arrow_schema.names)})")
+            t = arrow_schema.field(col).type
+            ok = (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+                pa.types.is_integer(t.value_type) if want == "integer" else pa.types.is_floating(t.value_type))
+            if not ok:
+                raise TypeError(f"column {col!r} has type {t}; expected a list of {want} values")

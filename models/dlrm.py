@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ctrflow.models.embedding import FusedEmbedding, check_ids
+from ctrflow.models.feature_embedding import FeatureEmbedding, features_columns
+from ctrflow.models.features import as_features
 from ctrflow.models.sizes import as_schema, embedding_sizes
 
 
@@ -118,6 +120,10 @@ class DLRM(nn.Module):
         over_arch_layer_sizes: top MLP widths; the last is the output width (1).
         sparse: sparse embedding gradients (see :mod:`ctrflow.models.embedding`).
         init: embedding init, ``"uniform"`` (torchrec's) or ``"normal"``.
+        features: per-feature embedding options (resolved :class:`~ctrflow.models.features.Features`
+            or their dict), replacing one table per column: shared tables, list features pooled into
+            one more sparse feature each (``concat`` lists: ``concat_n`` more). Every table's dim
+            must be ``embedding_dim``; ``cardinalities`` is then ignored. Without it: as before.
     """
 
     def __init__(
@@ -129,8 +135,15 @@ class DLRM(nn.Module):
         over_arch_layer_sizes: Sequence[int] = (512, 256, 1),
         sparse: bool = True,
         init: str = "uniform",
+        features: Any = None,
     ) -> None:
         super().__init__()
+        if features is not None:
+            features = as_features(features)
+            bad = [(t.name, t.dim) for t in features.tables if t.dim != embedding_dim]
+            if bad:
+                raise ValueError(f"DLRM needs every table of dim embedding_dim={embedding_dim}; got {bad}")
+            cardinalities = [f.cardinality for f in features.categorical] or [1]
         cards = [int(c) for c in cardinalities]
         dense_sizes = [int(x) for x in dense_arch_layer_sizes]
         over_sizes = [int(x) for x in over_arch_layer_sizes]
@@ -152,9 +165,16 @@ class DLRM(nn.Module):
         }
         self.n_cat = len(cards)
         self.n_cont = int(n_cont)
-        self.sparse_arch = SparseArch(cards, embedding_dim, sparse=sparse, init=init)
+        self.features = None
+        n_sparse = len(cards)
+        if features is not None:
+            self.config["features"] = features.to_dict()
+            self.features = FeatureEmbedding(features, sparse=sparse)
+            self.n_cat, n_sparse = features_columns(features), self.features.num_slots
+        else:
+            self.sparse_arch = SparseArch(cards, embedding_dim, sparse=sparse, init=init)
         self.dense_arch = DenseArch(n_cont, dense_sizes)
-        self.inter_arch = InteractionArch(len(cards))
+        self.inter_arch = InteractionArch(n_sparse)
         self.over_arch = OverArch(embedding_dim + self.inter_arch.out_features_extra, over_sizes)
 
     @classmethod
@@ -170,25 +190,44 @@ class DLRM(nn.Module):
 
         Every table gets ``embedding_dim`` (DLRM's interaction needs one dim); the cardinalities come
         from the schema. ``dense_arch_layer_sizes`` defaults to ``[512, 256, embedding_dim]``.
+        ``features=`` a :class:`~ctrflow.models.features.FeatureConfig` (or its dict / file path) sets
+        per-feature options (shared tables, list features); see :mod:`ctrflow.models.features`.
         """
         if isinstance(schema, (str, os.PathLike)):
             schema = as_schema(schema)
+        if kwargs.get("features") is not None:
+            kwargs["features"] = as_features(kwargs["features"], as_schema(schema), dim=embedding_dim,
+                                             init=kwargs.get("init", "uniform"))
         sizes = embedding_sizes(schema, dim=embedding_dim)
         n_cont = len(as_schema(schema).continuous)
         dense = list(dense_arch_layer_sizes) if dense_arch_layer_sizes else [512, 256, embedding_dim]
         return cls([c for c, _ in sizes], n_cont, embedding_dim, dense, over_arch_layer_sizes, **kwargs)
 
-    def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None) -> None:
+    @property
+    def takes_lists(self) -> bool:
+        """The model reads list features (the trainer then passes ``lists=`` / ``weights=``)."""
+        return self.features is not None and bool(self.features.list_features)
+
+    def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None, lists: Any = None) -> None:
         """Raise ``ValueError`` if a batch does not fit the model (column counts, id ranges)."""
         n_cont = 0 if continuous is None else continuous.shape[1]
         if n_cont != self.n_cont:
             raise ValueError(f"the data has {n_cont} continuous columns, the model {self.n_cont}")
+        if self.features is not None:
+            self.features.check_input(categorical, lists)
+            return
         check_ids(categorical, self.config["cardinalities"])
 
-    def forward(self, categorical: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
-        """Args: categorical [B, F] ids, continuous [B, n_cont]. Returns: logits [B, 1]."""
+    def forward(self, categorical: torch.Tensor, continuous: torch.Tensor, lists: Any = None,
+                weights: Any = None) -> torch.Tensor:
+        """Args: categorical [B, F] ids, continuous [B, n_cont], lists ``{name: (values [N], offsets [B + 1])}``
+        and weights ``{name: [N]}`` (list features only). Returns: logits [B, 1]."""
         if continuous.dim() != 2 or continuous.shape[1] != self.n_cont:
             raise ValueError(f"expected continuous inputs of shape [B, {self.n_cont}], got {list(continuous.shape)}")
         dense = self.dense_arch(continuous.float())
-        sparse = self.sparse_arch(categorical)
+        if self.features is not None:
+            blocks = self.features(categorical, lists, weights)
+            sparse = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        else:
+            sparse = self.sparse_arch(categorical)
         return self.over_arch(self.inter_arch(dense, sparse.to(dense.dtype)))

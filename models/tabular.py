@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from ctrflow.models.embedding import EmbeddingTables
+from ctrflow.models.feature_embedding import FeatureEmbedding, features_columns
+from ctrflow.models.features import as_features
 from ctrflow.models.sizes import as_schema, embedding_sizes
 
 
@@ -42,6 +44,9 @@ class TabularModel(nn.Module):
         y_range: squash outputs into ``(lo, hi)`` with a scaled sigmoid (regression only).
         sparse: sparse embedding gradients (see :mod:`ctrflow.models.embedding`).
         emb_init: ``"normal"`` (fastai's truncated normal, std 0.01) or ``"uniform"`` (torchrec's).
+        features: per-feature embedding options (resolved :class:`~ctrflow.models.features.Features`
+            or their dict) instead of ``emb_szs``: shared tables, and list features whose pooled
+            embeddings are concatenated with the others. Without it: as before.
     """
 
     def __init__(
@@ -58,8 +63,12 @@ class TabularModel(nn.Module):
         y_range: tuple[float, float] | None = None,
         sparse: bool = True,
         emb_init: str = "normal",
+        features: Any = None,
     ) -> None:
         super().__init__()
+        if features is not None:
+            features = as_features(features)
+            emb_szs = [(f.cardinality, features.table(f.table).dim) for f in features.categorical]
         if isinstance(emb_szs, Mapping):
             emb_szs = list(emb_szs.values())
         emb_szs = [(int(n), int(d)) for n, d in emb_szs]
@@ -80,11 +89,19 @@ class TabularModel(nn.Module):
             "embed_p": embed_p, "use_bn": use_bn, "bn_final": bn_final, "bn_cont": bn_cont,
             "y_range": list(y_range) if y_range else None, "sparse": sparse, "emb_init": emb_init,
         }
-        self.embeds = EmbeddingTables(emb_szs, sparse=sparse, init=emb_init) if emb_szs else None
+        self.features = None
+        if features is not None:
+            self.config["features"] = features.to_dict()
+            self.features = FeatureEmbedding(features, sparse=sparse)
+            self.embeds = None
+        else:
+            self.embeds = EmbeddingTables(emb_szs, sparse=sparse, init=emb_init) if emb_szs else None
         self.emb_drop = nn.Dropout(embed_p)
         self.bn_cont = nn.BatchNorm1d(n_cont) if (bn_cont and n_cont) else None
         self.n_emb = self.embeds.out_features if self.embeds is not None else 0
-        self.n_cat = len(emb_szs)
+        if self.features is not None:
+            self.n_emb = self.features.out_features
+        self.n_cat = len(emb_szs) if self.features is None else features_columns(features)
         self.n_cont = n_cont
         self.y_range = y_range
         sizes = [self.n_emb + n_cont, *layers, out_sz]
@@ -120,28 +137,46 @@ class TabularModel(nn.Module):
             out_sz: output width.
             max_dim: cap the stored embedding dims (the seed notebook's ``min(16, dim)``); None keeps them.
             embedding_dim: one dim for every table instead of the stored ones.
-            **kwargs: any other ``TabularModel`` argument.
+            **kwargs: any other ``TabularModel`` argument; ``features=`` a
+                :class:`~ctrflow.models.features.FeatureConfig` (or its dict / file path).
         """
         if isinstance(schema, (str, os.PathLike)):
             schema = as_schema(schema)
+        if kwargs.get("features") is not None:
+            init = "uniform" if kwargs.get("emb_init") == "uniform" else "truncated_normal"
+            kwargs["features"] = as_features(kwargs["features"], as_schema(schema), dim=embedding_dim,
+                                             max_dim=max_dim, init=init)
         emb = embedding_sizes(schema, max_dim=max_dim, dim=embedding_dim)
         return cls(emb, len(as_schema(schema).continuous), out_sz, list(layers), **kwargs)
 
-    def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None) -> None:
+    @property
+    def takes_lists(self) -> bool:
+        """The model reads list features (the trainer then passes ``lists=`` / ``weights=``)."""
+        return self.features is not None and bool(self.features.list_features)
+
+    def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None, lists: Any = None) -> None:
         """Raise ``ValueError`` if a batch does not fit the model (column counts, id ranges)."""
         n_cont = 0 if continuous is None or continuous.numel() == 0 else continuous.shape[1]
         if n_cont != self.n_cont:
             raise ValueError(f"the data has {n_cont} continuous columns, the model {self.n_cont}")
-        if self.embeds is not None:
+        if self.features is not None:
+            self.features.check_input(categorical, lists)
+        elif self.embeds is not None:
             self.embeds.check_ids(categorical)
         elif categorical is not None and categorical.numel():
             raise ValueError(f"the data has {categorical.shape[1]} categorical columns, the model 0")
 
-    def forward(self, categorical: torch.Tensor, continuous: torch.Tensor | None = None) -> torch.Tensor:
-        """Args: categorical [B, F] ids, continuous [B, n_cont]. Returns: logits [B, out_sz]."""
+    def forward(self, categorical: torch.Tensor, continuous: torch.Tensor | None = None, lists: Any = None,
+                weights: Any = None) -> torch.Tensor:
+        """Args: categorical [B, F] ids, continuous [B, n_cont], lists ``{name: (values [N], offsets [B + 1])}``
+        and weights ``{name: [N]}`` (list features only). Returns: logits [B, out_sz]."""
         xs = []
         if self.embeds is not None:
             xs.append(self.emb_drop(self.embeds(categorical)))
+        elif self.features is not None:
+            blocks = self.features(categorical, lists, weights)
+            emb = torch.cat([x.reshape(x.shape[0], -1) for x in blocks], dim=1)
+            xs.append(self.emb_drop(emb))
         if self.n_cont:
             if continuous is None or continuous.dim() != 2 or continuous.shape[1] != self.n_cont:
                 got = None if continuous is None else list(continuous.shape)

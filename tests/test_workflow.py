@@ -248,7 +248,8 @@ def test_save_load_transform_identical(saved):
     wf, path, df, new = saved
     files = sorted(str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file())
     assert all(f == "workflow.json" or f.endswith(".parquet") for f in files), files  # never pickle
-    assert sum(f.endswith(".parquet") for f in files) == 4  # one vocabulary per Categorify column
+    assert sum("/categories/" in f for f in files) == 4  # one vocabulary per Categorify column
+    assert all("/categories/" in f or "/tail/" in f for f in files if f.endswith(".parquet"))  # + tails (update)
     loaded = Workflow.load(path)
     assert loaded.fitted
     assert loaded.output_columns == wf.output_columns

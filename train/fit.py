@@ -6,10 +6,20 @@ Commands (from the repository root)::
     python train/fit.py --model tabular --batch-size 400000 --lr 0.0132 --optimizer adam
     python train/fit.py --out runs/a --max-steps 100         # ... interrupted? continue with:
     python train/fit.py --out runs/a --max-steps 100 --resume
+    python train/fit.py --resume runs/a --data data/day2     # next day (etl/run.py --update): tables grow
     python train/fit.py --task regression --data DIR         # MSE loss, RMSE metric
     python train/fit.py --amp                                # bfloat16 autocast (CPU with AMX, or GPU)
+    python train/fit.py --features features.toml             # per-feature options, shared tables, list features
 
-One process on one device (CPU or one GPU); multi-process ``torchrun`` training is not supported yet.
+Data parallel on N processes (one per GPU, or N CPU processes with Gloo; see ``ctrflow.train.ddp``
+and the README's "Scaling out")::
+
+    torchrun --nproc_per_node=8 train/fit.py --data DIR --batch-size 4096     # global batch 8 * 4096
+    torchrun --nproc_per_node=2 train/fit.py --device cpu --threads 1         # two CPU ranks (Gloo)
+
+Each rank reads its shard of the training and validation sets (the loader reads torchrun's RANK /
+WORLD_SIZE and keeps batch counts equal), validation metrics are computed over all ranks'
+predictions, and only rank 0 logs and writes files.
 
 Writes into the run directory (``--out``, default ``runs/<model>-<timestamp>``): ``config.json``,
 ``metrics.jsonl``, ``checkpoints/ckpt-<step>.pt`` (newest 3), ``curve.png``, ``summary.json`` and
@@ -88,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hidden widths: tabular MLP (default 512,256); DLRM top MLP (default 512,256)")
     p.add_argument("--bottom-layers", type=_ints, default=None, help="DLRM bottom MLP (default 512,256)")
     p.add_argument("--task", choices=("binary", "regression"), default="binary")
+    p.add_argument("--features", default=None, metavar="FILE",
+                   help="TOML/JSON embedding options per feature: dims, shared tables, list features and their "
+                        "combiners, initialisers (see ctrflow.models.features)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=("auto", "bf16", "off"),
                    help="bfloat16 autocast: auto = on CUDA only; bare --amp = bf16 on any device")
@@ -105,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts-per-chunk", type=int, default=2)
     p.add_argument("--no-loader-bench", action="store_true", help="skip the loader-alone timing pass")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--sharded-embeddings", action="store_true",
+                   help="torchrun: shard the tables over the ranks with torchrec (needs torchrec)")
     a = p.parse_args(argv)
     for name in ("valid_batch_size", "epochs", "grad_accum", "log_every", "keep", "parts_per_chunk"):
         if getattr(a, name) < 1:
@@ -135,15 +150,28 @@ def _check_dataset(path: str):
     return schema
 
 
-def build_model(a: argparse.Namespace, schema: Any):
-    """The model the arguments describe, sized from the dataset's schema."""
+def build_model(a: argparse.Namespace, schema: Any, features: Any = None):
+    """The model the arguments describe, sized from the dataset's schema (``features``: a FeatureConfig)."""
     from ctrflow.models import DLRM, TabularModel
 
     if a.model == "tabular":
-        return TabularModel.from_schema(schema, layers=a.layers or [512, 256], max_dim=a.embedding_dim or 64)
+        return TabularModel.from_schema(schema, layers=a.layers or [512, 256], max_dim=a.embedding_dim or 64,
+                                        features=features)
     d = a.embedding_dim or 16
     return DLRM.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*(a.bottom_layers or [512, 256]), d],
-                            over_arch_layer_sizes=[*(a.layers or [512, 256]), 1])
+                            over_arch_layer_sizes=[*(a.layers or [512, 256]), 1], features=features)
+
+
+def _feature_config(a: argparse.Namespace):
+    """``--features FILE`` loaded (None without it); :class:`UsageError` when the file is bad."""
+    if not a.features:
+        return None
+    from ctrflow.models.features import FeatureConfig
+
+    try:
+        return FeatureConfig.load(a.features)
+    except ValueError as e:
+        raise UsageError(f"--features: {e}") from None
 
 
 def _run_dir(a: argparse.Namespace) -> str:
@@ -182,6 +210,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from ctrflow.loader.loader import Loader
+    from ctrflow.train import ddp
     from ctrflow.train.checkpoint import CheckpointError
     from ctrflow.train.trainer import TrainConfig, Trainer, resolve_device
 
@@ -189,9 +218,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     schema = _check_dataset(a.data)
-    device = resolve_device(a.device)
+    if a.sharded_embeddings:
+        ddp.check_sharded_embeddings()
+    device = ddp.init(resolve_device(a.device))  # torchrun: join the process group, take GPU LOCAL_RANK
+    features = _feature_config(a)
     try:
-        model = build_model(a, schema)
+        model = build_model(a, schema, features)
     except ValueError as e:
         raise UsageError(f"the dataset's schema does not fit --model {a.model}: {e}") from None
     out = _run_dir(a)
@@ -211,10 +243,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         elr = tuned["embedding_lr"] if emb_opt == "adam" else DEFAULTS["embedding_lr"][emb_opt]
     amp = {"auto": "auto", "bf16": True, "off": False}[a.amp]
     loader_device = device if device.type == "cuda" else "cpu"
+    spec = getattr(model, "features", None)
+    lists = list(spec.spec.lists) if spec is not None else []  # list features the model reads
 
     def make_train():
         return Loader(os.path.join(a.data, "train"), a.batch_size, shuffle=True, seed=a.seed,
-                      parts_per_chunk=a.parts_per_chunk, device=loader_device)
+                      parts_per_chunk=a.parts_per_chunk, device=loader_device, lists=lists)
 
     cfg = TrainConfig(
         task=a.task, optimizer=a.optimizer, lr=lr, embedding_lr=elr, embedding_optimizer=a.embedding_optimizer,
@@ -224,22 +258,37 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         keep_checkpoints=a.keep, amp=amp, device=str(device), progress=False if a.no_progress else None,
         extra={"argv": {k: v for k, v in vars(a).items()}, "data": os.path.abspath(a.data)},
     )
+    if a.sharded_embeddings:  # torchrec shards the tables over the ranks (train/sharded.py)
+        from ctrflow.train.sharded import shard_model
+
+        model = shard_model(model, device, a.optimizer, lr, a.embedding_optimizer or a.optimizer, elr)
     trainer = Trainer(model, cfg, out_dir=out)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json.tmp"), "w") as f:
-        json.dump({"args": vars(a), "model": getattr(model, "config", None), "lr": lr}, f, indent=2, default=str)
-    os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
-    with make_train() as train, Loader(os.path.join(a.data, "valid"), a.valid_batch_size, shuffle=False,
-                                       parts_per_chunk=a.parts_per_chunk, device=loader_device) as valid:
+    if a.resume:  # onto a new day (etl/run.py --update): grow the tables, restart the lr schedule (models/grow.py)
+        from ctrflow.models.grow import continue_state
+
+        data = os.path.abspath(a.data)
+        trainer.state_hook = lambda st: continue_state(st, trainer.model, trainer.optimizers, data)
+    if ddp.is_main():  # torchrun: rank 0 writes the run directory
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json.tmp"), "w") as f:
+            json.dump({"args": vars(a), "model": getattr(model, "config", None), "lr": lr,
+                       "world_size": ddp.world_size()}, f, indent=2, default=str)
+        os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
+    valid_bs = ddp.eval_batch_size(os.path.join(a.data, "valid"), a.valid_batch_size)  # every row, any N
+    with make_train() as train, Loader(os.path.join(a.data, "valid"), valid_bs, shuffle=False,
+                                       parts_per_chunk=a.parts_per_chunk, device=loader_device,
+                                       lists=lists) as valid:
         summary = trainer.fit(train, valid, resume=a.resume)
         n_train = len(train)
     summary["loader_rows_per_s"] = None if a.no_loader_bench else _loader_alone(make_train, n_train)
     summary["oracle"] = (schema.metadata.get("synthetic") or {}).get("oracle")
     summary["run_dir"] = out
     summary["model"] = a.model
-    with open(os.path.join(out, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    summary.update(ddp.job_totals(summary))  # torchrun: rows and rows/s of all ranks together
+    if ddp.is_main():
+        with open(os.path.join(out, "summary.json.tmp"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+        os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
     return summary
 
 
@@ -260,6 +309,9 @@ def report(s: dict[str, Any], task: str) -> str:
     ldr = s.get("loader_rows_per_s")
     lines.append(f"throughput: {s['rows_per_s']:,.0f} rows/s whole run (training + evaluation)"
                  + (f", loader alone {ldr:,.0f} rows/s" if ldr else ""))
+    if s.get("world_size"):
+        lines.append(f"data parallel: {s['world_size']} ranks, {s['global_rows']:,} rows, "
+                     f"{s['global_rows_per_s']:,.0f} rows/s all ranks")
     lines.append(f"run dir: {s['run_dir']}  checkpoint: {s['checkpoint']}")
     return "\n".join(lines)
 
@@ -267,12 +319,15 @@ def report(s: dict[str, Any], task: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input or a diverged run)."""
     from ctrflow.etl.schema import SchemaError
+    from ctrflow.train import ddp
     from ctrflow.train.checkpoint import CheckpointError
     from ctrflow.train.trainer import TrainingError
 
     try:
         a = parse_args(argv)
         summary = run(a)
+        show = ddp.is_main()
+        ddp.teardown()
     except (UsageError, SchemaError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -281,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    print(report(summary, a.task))
+    if show:
+        print(report(summary, a.task))
     return 0
 
 

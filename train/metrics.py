@@ -9,6 +9,7 @@ Validation sets of a few hundred thousand rows cost a few MB.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,16 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((d_recall * precision).sum())
 
 
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
 class BinaryMetrics:
     """Streaming ROC-AUC, average precision and logloss over logits.
+
+    Args:
+        gather: under data parallelism, a function returning every rank's rows of a tensor
+            concatenated (``ctrflow.train.ddp.all_gather_varlen``): ``compute`` then scores all ranks'
+            predictions together, exactly (every rank must call it). None: this process's rows only.
 
     Example:
         >>> m = BinaryMetrics()
@@ -69,7 +78,8 @@ class BinaryMetrics:
         1.0
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gather: Gather | None = None) -> None:
+        self.gather = gather
         self.reset()
 
     def reset(self) -> None:
@@ -83,19 +93,26 @@ class BinaryMetrics:
 
     def compute(self) -> dict[str, float]:
         """Returns ``{"auc", "logloss", "ap", "rows"}`` (NaN where undefined)."""
-        if not self._scores:
+        s = torch.cat(self._scores) if self._scores else torch.zeros(0)
+        y = torch.cat(self._labels) if self._labels else torch.zeros(0)
+        if self.gather is not None:  # before the early return: a rank without rows still takes part
+            s, y = self.gather(s), self.gather(y)
+        if not s.numel():
             return {"auc": float("nan"), "logloss": float("nan"), "ap": float("nan"), "rows": 0}
-        s = torch.cat(self._scores)
-        y = torch.cat(self._labels)
         # Mean of the per-row loss in float64: the same value as sklearn's log_loss on sigmoid(s).
         ll = F.binary_cross_entropy_with_logits(s.double(), y.double()).item()
         return {"auc": roc_auc(s, y), "logloss": ll, "ap": average_precision(s, y), "rows": int(s.numel())}
 
 
 class RegressionMetrics:
-    """Streaming MSE / RMSE over predictions (sums kept on the device)."""
+    """Streaming MSE / RMSE over predictions (sums kept on the device).
 
-    def __init__(self) -> None:
+    Args:
+        gather: as for :class:`BinaryMetrics`; the sums of all ranks are added up.
+    """
+
+    def __init__(self, gather: Gather | None = None) -> None:
+        self.gather = gather
         self.reset()
 
     def reset(self) -> None:
@@ -110,6 +127,15 @@ class RegressionMetrics:
 
     def compute(self) -> dict[str, float]:
         """Returns ``{"mse", "rmse", "rows"}``."""
+        if self.gather is not None:
+            dev = self._sse.device if self._sse is not None else "cpu"
+            sse = self._sse if self._sse is not None else torch.zeros((), dtype=torch.float64, device=dev)
+            both = self.gather(torch.stack([sse.double(), torch.tensor(float(self._n), dtype=torch.float64,
+                                                                          device=dev)])[None]).sum(0)
+            if not int(both[1]):
+                return {"mse": float("nan"), "rmse": float("nan"), "rows": 0}
+            mse = both[0].item() / both[1].item()
+            return {"mse": mse, "rmse": math.sqrt(mse), "rows": int(both[1].item())}
         if not self._n:
             return {"mse": float("nan"), "rmse": float("nan"), "rows": 0}
         mse = self._sse.item() / self._n

@@ -28,9 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctrflow.models.grow import table_layout
+from ctrflow.train import ddp
 from ctrflow.train.checkpoint import (
     CheckpointError,
     check_fits,
+    checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -83,6 +86,15 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self._trackers: list[Any] = []
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet checked for NaN
+        # Incremental days (models/grow.py): the step where training on the current data began (the lr
+        # schedule restarts there), and a hook that adapts a checkpoint before it loads (grown tables).
+        self.segment_start = 0
+        self.state_hook: Any = None
+        # torchrun (see ctrflow.train.ddp): `net` becomes the DDP wrapper in fit(); only rank 0 writes.
+        self.net: nn.Module = self.model
+        self.sync: ddp.GradSync | None = None
+        self.is_main = ddp.is_main()
+        self._saved_world = ddp.world_size()
 
     # ----------------------------------------------------------------- steps
     def _autocast(self):
@@ -98,10 +110,14 @@ class Trainer:
     def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B], labels [B]) from the default calling convention."""
         if hasattr(batch, "categorical"):
-            out, y = self.model(batch.categorical, batch.continuous), batch.label
+            if getattr(self.model, "takes_lists", False):  # list features (ctrflow.models.features)
+                out = self.net(batch.categorical, batch.continuous, lists=batch.lists, weights=batch.weights)
+            else:
+                out = self.net(batch.categorical, batch.continuous)
+            y = batch.label
         else:
             *xs, y = batch
-            out = self.model(*xs)
+            out = self.net(*xs)
         out = out.float()
         if out.dim() == 2 and out.shape[1] == 2 and self.cfg.task == "binary":
             out = out[:, 1] - out[:, 0]  # two-class softmax == sigmoid of the logit difference
@@ -122,16 +138,18 @@ class Trainer:
     def _set_lr(self) -> float:
         if self.schedulers:
             return self.optimizers[0].param_groups[0]["lr"]
-        total = self.total_steps
+        total = self.total_steps - self.segment_start
         warm = self.cfg.warmup_steps
         warm = int(warm * total) if 0 < warm < 1 else int(warm)
-        f = lr_factor(self.step, total, warm, self.cfg.decay, self.cfg.min_lr_factor)
+        f = lr_factor(self.step - self.segment_start, total, warm, self.cfg.decay, self.cfg.min_lr_factor)
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * f
         return self.optimizers[0].param_groups[0]["lr"]
 
     def _optimizer_step(self) -> float:
+        if self.sync is not None:
+            self.sync.sync()  # gradients DDP does not average (the sparse tables)
         lr = self._set_lr()
         for opt in self.optimizers:
             opt.step()
@@ -163,7 +181,8 @@ class Trainer:
         """Metrics over one pass of ``loader``: ``auc``/``logloss``/``ap`` or ``rmse``/``mse``, ``loss``."""
         was_training = self.model.training
         self.model.eval()
-        metrics = BinaryMetrics() if self.cfg.task == "binary" else RegressionMetrics()
+        gather = ddp.all_gather_varlen if ddp.world_size() > 1 else None  # exact metrics over all ranks
+        metrics = BinaryMetrics(gather=gather) if self.cfg.task == "binary" else RegressionMetrics(gather=gather)
         loss_sum, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
         try:
             for batch in loader:
@@ -191,7 +210,9 @@ class Trainer:
         finally:
             self.model.train(was_training)
         out = metrics.compute()
-        out["loss"] = loss_sum.item() / n if n else float("nan")
+        if gather is not None:
+            loss_sum, n = ddp.all_sum([loss_sum.item(), n])
+        out["loss"] = float(loss_sum) / n if n else float("nan")
         return out
 
     # ---------------------------------------------------------- checkpoints
@@ -202,6 +223,8 @@ class Trainer:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "segment_start": self.segment_start, "tables": table_layout(self.model),  # for models/grow.py
+            "world_size": ddp.world_size(),  # batch_in_epoch counts this many ranks' batches
             "rng": rng_state(),
             "history": self.history,
             "config": {"train": asdict(self.cfg), "model": getattr(self.model, "config", None),
@@ -213,12 +236,17 @@ class Trainer:
         self._check_finite()
         if not self.ckpt_dir:
             return None
-        self.last_checkpoint = save_checkpoint(self.ckpt_dir, self.state_dict(), self.step,
-                                               self.cfg.keep_checkpoints)
+        state = self.state_dict()  # on every rank: a sharded model gathers its tables here (collective)
+        if not self.is_main:  # rank 0 writes; the others record its path so that all take the same branches
+            self.last_checkpoint = checkpoint_path(self.ckpt_dir, self.step)
+            return self.last_checkpoint
+        self.last_checkpoint = save_checkpoint(self.ckpt_dir, state, self.step, self.cfg.keep_checkpoints)
         return self.last_checkpoint
 
     def load_state_dict(self, state: dict[str, Any], path: str = "checkpoint") -> None:
         """Restore a checkpoint; :class:`CheckpointError` if it does not fit this model / setup."""
+        if self.state_hook is not None:  # e.g. grow the tables onto a grown vocabulary (models/grow.py)
+            state = self.state_hook(state)
         check_fits(self.model, len(self.optimizers), state, path)
         self.model.load_state_dict(state["model"])
         try:
@@ -230,6 +258,8 @@ class Trainer:
             raise CheckpointError(f"{path}: optimizer state does not fit ({e})") from None
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.segment_start = int(state.get("segment_start", 0))
+        self._saved_world = int(state.get("world_size", 1))
         self.history = state.get("history", {"train": [], "valid": []})
         set_rng_state(state["rng"])
 
@@ -258,7 +288,7 @@ class Trainer:
             t.log(record)
 
     def _say(self, bar: ProgressBar, text: str) -> None:
-        if self.cfg.verbose:
+        if self.cfg.verbose and self.is_main:
             bar.clear()
             print(text, file=sys.stderr, flush=True)
 
@@ -291,8 +321,16 @@ class Trainer:
         self.total_steps = steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.total_steps += self.segment_start  # epochs / max_steps count from the current data's start
+        if ddp.world_size() > 1:
+            self._setup_parallel(per_epoch)
+        if self._saved_world != ddp.world_size():  # resumed with another number of ranks
+            self.step, self.batch_in_epoch = ddp.rescale_position(
+                self.step, self.epoch, self.batch_in_epoch, self._saved_world, ddp.world_size(),
+                steps_per_epoch, cfg.grad_accum)
+            self._saved_world = ddp.world_size()
         self._trackers = []
-        if self.out_dir:
+        if self.out_dir and self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             self._trackers.append(JsonlTracker(os.path.join(self.out_dir, "metrics.jsonl")))
             tb = tensorboard_tracker(os.path.join(self.out_dir, "tb")) if cfg.tensorboard else None
@@ -300,7 +338,7 @@ class Trainer:
                 self._trackers.append(tb)
         if resumed:
             self._log({"kind": "resume", "step": self.step, "epoch": self.epoch, "checkpoint": resumed})
-        bar = ProgressBar(self.total_steps, enabled=cfg.progress)
+        bar = ProgressBar(self.total_steps, enabled=cfg.progress if self.is_main else False)
         self.model.train()
         rows_total, wait_total, t_start = 0, 0.0, time.perf_counter()
         win_rows, win_steps, win_batches, win_loss, t_win = 0, 0, 0, None, time.perf_counter()
@@ -330,7 +368,10 @@ class Trainer:
                         break
                     batch = self._to_device(batch)
                     if not checked_first and hasattr(self.model, "check_input") and hasattr(batch, "categorical"):
-                        self.model.check_input(batch.categorical, batch.continuous)
+                        if getattr(self.model, "takes_lists", False):
+                            self.model.check_input(batch.categorical, batch.continuous, lists=batch.lists)
+                        else:
+                            self.model.check_input(batch.categorical, batch.continuous)
                         checked_first = True
                     self.batch_in_epoch += 1
                     loss = self.training_step(batch)
@@ -398,12 +439,22 @@ class Trainer:
                 t.close()
             self._trackers = []
         seconds = time.perf_counter() - t_start
-        if self.out_dir and cfg.plot:
+        if self.out_dir and cfg.plot and self.is_main:
             self.plot(os.path.join(self.out_dir, "curve.png"))
         return {"steps": self.step, "epochs": self.epoch, "rows": rows_total, "seconds": seconds,
                 "rows_per_s": rows_total / seconds if seconds else float("nan"),
                 "loader_wait_s": wait_total, "valid": last_valid,
                 "checkpoint": self.last_checkpoint, "resumed_from": resumed}
+
+    def _setup_parallel(self, per_epoch: int) -> None:
+        """torchrun: check that the ranks agree on the epoch length, then wrap the model."""
+        counts = ddp.all_values(per_epoch)
+        if len(set(counts)) > 1:  # unequal batch counts would leave a rank waiting in an all-reduce
+            raise ValueError(f"ranks have different numbers of batches per epoch {counts}: shard the data with "
+                             "ctrflow.loader.Loader (global_rank / global_size), which keeps them equal")
+        if self.sync is None and not getattr(self.model, "data_parallel", False):  # e.g. torchrec's DMP
+            self.sync = ddp.GradSync(self.model, self.device, ddp=not hasattr(self.model, "training_step"))
+            self.net = self.sync.net
 
     def _run_eval(self, valid: Any, bar: ProgressBar) -> dict[str, float]:
         self._check_finite()

@@ -8,6 +8,8 @@ from ctrflow.etl.ops.fill_missing import FillMissing
 from ctrflow.etl.ops.hash_bucket import HashBucket
 from ctrflow.etl.ops.hashed_cross import HashedCross
 from ctrflow.etl.ops.label import Label, LabelError
+from ctrflow.etl.ops.list_pad import ListPad
+from ctrflow.etl.ops.list_truncate import ListTruncate
 from ctrflow.etl.ops.logop import LogOp
 from ctrflow.etl.ops.normalize import Normalize
 from ctrflow.etl.ops.normalize_minmax import NormalizeMinMax
@@ -16,6 +18,6 @@ from ctrflow.etl.ops.rename import Rename
 
 __all__ = [
     "Bucketize", "Categorify", "Clip", "ColumnOp", "FillMissing", "HashBucket", "HashedCross", "Label",
-    "LabelError", "LogOp", "Normalize", "NormalizeMinMax", "OpNotFittedError", "Operator",
+    "LabelError", "ListPad", "ListTruncate", "LogOp", "Normalize", "NormalizeMinMax", "OpNotFittedError", "Operator",
     "QuantileBucketize", "Rename",
 ]

@@ -78,6 +78,10 @@ class Operator:
     def fit_finalize(self, computed: Any) -> None:
         """Store the computed stats (JSON-safe) on the op."""
 
+    def update_finalize(self, computed: Any, decay: float | None = None) -> None:
+        """Merge what ``fit`` computed on new data into the fitted stats (``Workflow.update``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be updated incrementally: refit the workflow")
+
     @property
     def fitted(self) -> bool:
         """Stat ops keep their fitted stats in ``self.stats`` (``None`` until fitted)."""
@@ -102,13 +106,19 @@ class Operator:
                 "kind": "categorical",
                 "dtype": id_dtype(card),
                 "cardinality": int(card),
-                "embedding_dim": embedding_dim(card),
+                "embedding_dim": self._pinned_dim(column) or embedding_dim(card),
             }
         if self.output_kind == "label":
             return {"kind": "label", "dtype": "float32"}
         if self.output_kind == "continuous":
             return {"kind": "continuous", "dtype": "float32"}
         return {"kind": "other", "dtype": None}
+
+    def _pinned_dim(self, column: str) -> int | None:
+        """The embedding dim ``Workflow.update`` fixed at the first fit's (so checkpoints keep fitting)."""
+        stats = getattr(self, "stats", None)
+        col = stats.get(column) if isinstance(stats, dict) else None
+        return col.get("embedding_dim") if isinstance(col, dict) else None
 
     # ---- persistence ----------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

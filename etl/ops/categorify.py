@@ -22,11 +22,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ctrflow.etl import dispatch
+from ctrflow.etl import dispatch, lists
 from ctrflow.etl.hashing import hash_values
 from ctrflow.etl.ops.base import Operator
 from ctrflow.etl.schema import id_dtype
 from ctrflow.etl.stats import tree_reduce
+from ctrflow.etl.update import lookup_values, tail_counts, update_categorify
 
 PAD, NULL, OOV = 0, 1, 2
 
@@ -40,11 +41,24 @@ class Categorify(Operator):
             ``max_size - 2 - (num_buckets or 1)`` most frequent values; 0 = no limit. Unlike
             NVTabular, it may be combined with ``freq_threshold`` (both apply).
         num_buckets: hash OOV values into this many ids instead of the single id 2.
+        encode_type: ``"column"`` (one vocabulary per column) or ``"joint"``: all input columns share
+            one vocabulary (NVTabular's joint encoding; e.g. ``item_id`` and ``hist_items``), so the
+            same value gets the same id in each and a model may share one embedding table.
+        vocabulary: name of the joint vocabulary (implies ``encode_type="joint"``; default: the
+            input names joined by ``_``); the schema's ``vocabulary`` field of every column.
+
+    List columns (``list<T>``) are encoded element-wise with the same ids (null lists become
+    empty, null elements id 1); values are counted once per element occurrence.
     """
 
     output_kind = "categorical"
 
-    def __init__(self, freq_threshold: int = 0, max_size: int = 0, num_buckets: int | None = None) -> None:
+    def __init__(self, freq_threshold: int = 0, max_size: int = 0, num_buckets: int | None = None,
+                 encode_type: str = "column", vocabulary: str | None = None) -> None:
+        if encode_type not in ("column", "joint"):
+            raise ValueError(f"Categorify encode_type must be 'column' or 'joint', got {encode_type!r}")
+        self.encode_type = "joint" if vocabulary else encode_type
+        self.vocabulary = vocabulary
         if freq_threshold < 0 or max_size < 0:
             raise ValueError("freq_threshold and max_size must be >= 0")
         if num_buckets is not None and num_buckets < 1:
@@ -58,9 +72,11 @@ class Categorify(Operator):
         self.stats: dict[str, dict[str, Any]] | None = None
         self.vocabs: dict[str, pa.Table] = {}
         self._lookup: dict[str, pa.Array] = {}
+        self.tails: dict[str, pa.Table] = {}  # counts of seen values not kept, for Workflow.update
 
     def params(self) -> dict[str, Any]:
-        return {"freq_threshold": self.freq_threshold, "max_size": self.max_size, "num_buckets": self.num_buckets}
+        return {"freq_threshold": self.freq_threshold, "max_size": self.max_size, "num_buckets": self.num_buckets,
+                "encode_type": self.encode_type, "vocabulary": self.vocabulary}
 
     @property
     def first_kept_id(self) -> int:
@@ -71,7 +87,12 @@ class Categorify(Operator):
         return tree_reduce(ddf[columns], lambda df: {c: value_counts(df[c]) for c in columns}, merge_counts)
 
     def fit_finalize(self, computed: dict[str, dict[str, Any]]) -> None:
-        self.stats, self.vocabs = {}, {}
+        self.stats, self.vocabs, self.tails = {}, {}, {}
+        joint = None
+        if self.encode_type == "joint":  # one count table over every column's values
+            joint = self.vocabulary or "_".join(computed)
+            per_column = computed
+            computed = merge_counts([{joint: vc} for vc in per_column.values()])
         for col, vc in computed.items():
             counts = vc["table"]
             keep = counts.filter(pc.greater_equal(counts["count"], max(self.freq_threshold, 1)))
@@ -79,6 +100,7 @@ class Categorify(Operator):
             if self.max_size:
                 keep = keep.slice(0, self.max_size - self.first_kept_id)
             self.vocabs[col] = keep.combine_chunks()
+            self.tails[col] = tail_counts(counts, keep, max(self.freq_threshold, 1))
             kept_rows = pc.sum(keep["count"]).as_py() or 0
             self.stats[col] = {
                 "kept": keep.num_rows,
@@ -86,30 +108,63 @@ class Categorify(Operator):
                 "rows": int(vc["rows"]),
                 "nulls": int(vc["nulls"]),
                 "oov_rows": int(vc["rows"] - vc["nulls"] - kept_rows),
+                **({"max_length": int(vc["max_length"])} if "max_length" in vc else {}),
             }
+        if joint is not None:
+            shared = {k: v for k, v in self.stats.pop(joint).items() if k != "max_length"}
+            for col, vc in per_column.items():  # kept / distinct / oov_rows are the shared vocabulary's
+                self.stats[col] = {**shared, "vocabulary": joint, "rows": int(vc["rows"]), "nulls": int(vc["nulls"]),
+                                   **({"max_length": int(vc["max_length"])} if "max_length" in vc else {})}
         self._lookup = {}
+
+    def update_finalize(self, computed: dict[str, dict[str, Any]], decay: float | None = None) -> None:
+        update_categorify(self, computed, decay)  # etl/update.py: ids kept, newly kept values appended
 
     def cardinality(self, column: str) -> int | None:
         if self.stats is None or column not in self.stats:
             return None
         return self.first_kept_id + self.stats[column]["kept"]
 
+    def column_info(self, column: str) -> dict[str, Any]:
+        info = super().column_info(column)
+        stats = (self.stats or {}).get(column, {})
+        if stats.get("vocabulary"):
+            info["vocabulary"] = stats["vocabulary"]
+        if "max_length" in stats:  # fitted on a list column (the workflow's schema marks it "list")
+            info["max_length"] = stats["max_length"]
+        return info
+
+    def _vocab_key(self, column: str) -> str:
+        """The vocabulary a column's ids come from: its own, or the joint one."""
+        return (self.stats or {}).get(column, {}).get("vocabulary") or column
+
     # ---- transform ------------------------------------------------------------------------
     def transform(self, columns: list[str], df: Any) -> Any:
         self._require_fitted()
         out = {}
         for col in columns:
+            dtype = id_dtype(self.cardinality(col))
+            if lists.is_list_series(df[col]):  # element-wise on the flat values, offsets kept
+                out[col] = lists.map_values(df[col], functools.partial(self._encode, col, dtype),
+                                            pa.from_numpy_dtype(dtype), col)
+                continue
             codes, uniques = dispatch.factorize(df[col])
             lut = np.append(self._ids_of(col, uniques), NULL)  # code -1 (null) -> last entry
-            ids = lut.astype(id_dtype(self.cardinality(col)))[codes]
+            ids = lut.astype(dtype)[codes]
             out[col] = dispatch.series_like(df[col], ids, name=col)
         return dispatch.frame_from_columns(df, out)
 
+    def _encode(self, col: str, dtype: str, flat: pa.Array) -> np.ndarray:
+        """Ids [M] of flat list elements [M] (null elements -> 1)."""
+        codes, uniques = dispatch.factorize_arrow(flat)
+        return np.append(self._ids_of(col, uniques), NULL).astype(dtype)[codes]
+
     def _ids_of(self, col: str, uniques: pa.Array) -> np.ndarray:
         """Ids of distinct values: vocabulary position + first kept id, or the OOV id(s)."""
+        col = self._vocab_key(col)
         vocab = self._lookup.get(col)
         if vocab is None:
-            vocab = self._lookup[col] = self.vocabs[col]["value"].combine_chunks()
+            vocab = self._lookup[col] = lookup_values(self.vocabs[col])  # retired values (decay) -> OOV
         uniques = _align_type(uniques, vocab.type)
         pos = pc.index_in(uniques, value_set=vocab)
         found = pos.is_valid().to_numpy(zero_copy_only=False)
@@ -123,17 +178,34 @@ class Categorify(Operator):
     def get_state(self) -> tuple[dict[str, Any], dict[str, pa.Table]]:
         if self.stats is None:
             return {}, {}
-        return {"stats": self.stats}, {f"categories/{c}": t for c, t in self.vocabs.items()}
+        tails = {f"tail/{c}": t for c, t in self.tails.items() if t.num_rows}  # empty when every value is kept
+        return {"stats": self.stats}, {**{f"categories/{c}": t for c, t in self.vocabs.items()}, **tails}
 
     def set_state(self, state: dict[str, Any], tables: dict[str, pa.Table]) -> None:
         self.stats = state.get("stats")
         self.vocabs = {k.split("/", 1)[1]: t for k, t in tables.items() if k.startswith("categories/")}
+        self.tails = {k.split("/", 1)[1]: t for k, t in tables.items() if k.startswith("tail/")}
         self._lookup = {}
 
 
 def value_counts(series: Any) -> dict[str, Any]:
-    """Counts of the distinct non-null values of one partition's column."""
-    codes, uniques = dispatch.factorize(series)
+    """Counts of the distinct non-null values (list columns: elements) of one partition's column."""
+    if lists.is_list_series(series):  # one hash pass over the flat elements (no codes array)
+        offsets, flat = lists.flatten(lists.list_array(series))
+        flat = dispatch.nan_to_null(flat.dictionary_decode() if pa.types.is_dictionary(flat.type) else flat)
+        vc = pc.value_counts(flat)
+        values, counts = vc.field("values"), vc.field("counts")
+        if flat.null_count:
+            keep = values.is_valid()
+            values, counts = values.filter(keep), counts.filter(keep)
+        table = pa.table({"value": _plain(values), "count": counts.cast(pa.int64())})
+        lens = np.diff(offsets)
+        return {"table": table, "rows": len(flat), "nulls": flat.null_count,
+                "max_length": int(lens.max()) if lens.size else 0}
+    return _counts(*dispatch.factorize(series))
+
+
+def _counts(codes: np.ndarray, uniques: pa.Array) -> dict[str, Any]:
     valid = codes >= 0
     counts = np.bincount(codes[valid], minlength=len(uniques)) if len(uniques) else np.zeros(0, np.int64)
     table = pa.table({"value": _plain(uniques), "count": pa.array(counts, pa.int64())})
@@ -156,6 +228,8 @@ def merge_counts(partials: list[dict[str, dict[str, Any]]]) -> dict[str, dict[st
             merged = tables[0] if tables else partials[0][col]["table"]
         out[col] = {"table": merged, "rows": sum(p[col]["rows"] for p in partials),
                     "nulls": sum(p[col]["nulls"] for p in partials)}
+        if any("max_length" in p[col] for p in partials):  # list columns
+            out[col]["max_length"] = max(p[col].get("max_length", 0) for p in partials)
     return out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import Operator
 from ctrflow.etl.stats import merge_columns, merge_sketches, sketch, sketch_quantiles, tree_reduce
+from ctrflow.etl.update import merge_sketch_stats
 
 
 class FillMissing(Operator):
@@ -54,6 +55,10 @@ class FillMissing(Operator):
     def fit_finalize(self, computed: dict[str, Any]) -> None:
         self.stats = {c: {"median": float(np.nan_to_num(sketch_quantiles(sk, [0.5])[0])), "sketch": sk}
                       for c, sk in computed.items()}
+
+    def update_finalize(self, computed: dict[str, Any], decay: float | None = None) -> None:
+        """Merge the new data's sketches into the fitted ones; the median is read from the merge."""
+        self.fit_finalize(merge_sketch_stats(self.stats, computed))
 
     def transform(self, columns: list[str], df: Any) -> Any:
         self._require_fitted()

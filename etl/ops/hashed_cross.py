@@ -3,6 +3,8 @@
 The row's id is ``combine_hashes([hash(c1), hash(c2), ...]) % num_buckets`` with the stable hash
 of ``ctrflow.etl.hashing`` (a null hashes as its own value, so crosses with nulls are kept).
 Output column: the input names joined by ``_X_`` (``C1_X_C2``); cardinality ``num_buckets``.
+One input may be a list column: each element is crossed with its row's other values, giving a list
+of the same lengths (element ``e`` of row ``r`` gets the id the scalar row ``(e, r's values)`` gets).
 
 Example:
     >>> cross = ["C1", "C2"] >> HashedCross(num_buckets=100_000)   # outputs C1_X_C2
@@ -13,8 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from ctrflow.etl import dispatch
+from ctrflow.etl import dispatch, lists
 from ctrflow.etl.hashing import combine_hashes, hash_values, null_hash
 from ctrflow.etl.ops.base import Operator
 from ctrflow.etl.schema import id_dtype
@@ -53,12 +56,21 @@ class HashedCross(Operator):
 
     def transform(self, columns: list[str], df: Any) -> Any:
         cols = self._inputs(columns)
+        listed = [c for c in cols if lists.is_list_series(df[c])]
+        if len(listed) > 1:
+            raise ValueError(f"HashedCross crosses at most one list column with scalars, got lists {listed}")
+        offsets = row = None
+        if listed:  # each element crossed with its row's scalar values: a list output, same lengths
+            offsets, flat = lists.flatten(lists.list_array(df[listed[0]]))
+            row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         hashes = []
         for c in cols:
-            codes, uniques = dispatch.factorize(df[c])
-
+            codes, uniques = dispatch.factorize_arrow(flat) if c in listed else dispatch.factorize(df[c])
             lut = np.append(hash_values(uniques), null_hash())
-            hashes.append(lut[codes])
+            hashes.append(lut[codes] if row is None or c in listed else lut[codes][row])
         ids = (combine_hashes(hashes) % np.uint64(self.num_buckets)).astype(id_dtype(self.num_buckets))
         name = self.output_column_names(columns)[0]
+        if listed:
+            arr = lists.from_flat(offsets, ids, pa.from_numpy_dtype(ids.dtype))
+            return dispatch.frame_from_columns(df, {name: lists.series_from_list(df[listed[0]], arr, name)})
         return dispatch.frame_from_columns(df, {name: dispatch.series_like(df[cols[0]], ids, name=name)})

@@ -16,6 +16,7 @@ import numpy as np
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
 from ctrflow.etl.stats import merge_columns, merge_moments, moments, std_from_moments, tree_reduce
+from ctrflow.etl.update import merge_moment_stats
 
 
 def fit_moments(columns: list[str], ddf: Any) -> Any:
@@ -40,6 +41,10 @@ class Normalize(ColumnOp):
 
     def fit_finalize(self, computed: dict[str, dict[str, float]]) -> None:
         self.stats = {c: {**m, "std": std_from_moments(m)} for c, m in computed.items()}
+
+    def update_finalize(self, computed: dict[str, dict[str, float]], decay: float | None = None) -> None:
+        """Exact merge with the new data's moments (``decay`` applies to category counts only)."""
+        self.fit_finalize(merge_moment_stats(self.stats, computed))
 
     def transform_column(self, name: str, series: Any) -> Any:
         m = self.stats[name]

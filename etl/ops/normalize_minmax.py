@@ -13,6 +13,7 @@ import numpy as np
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
 from ctrflow.etl.ops.normalize import fit_moments
+from ctrflow.etl.update import merge_moment_stats
 
 
 class NormalizeMinMax(ColumnOp):
@@ -28,6 +29,10 @@ class NormalizeMinMax(ColumnOp):
 
     def fit_finalize(self, computed: dict[str, dict[str, float]]) -> None:
         self.stats = computed
+
+    def update_finalize(self, computed: dict[str, dict[str, float]], decay: float | None = None) -> None:
+        """Exact merge with the new data's moments and extremes."""
+        self.stats = merge_moment_stats(self.stats, computed)
 
     def transform_column(self, name: str, series: Any) -> Any:
         m = self.stats[name]

@@ -19,6 +19,7 @@ from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
 from ctrflow.etl.ops.bucketize import digitize_with_nulls
 from ctrflow.etl.stats import merge_columns, merge_sketches, sketch, sketch_quantiles, tree_reduce
+from ctrflow.etl.update import merge_sketch_stats
 
 
 class QuantileBucketize(ColumnOp):
@@ -52,6 +53,11 @@ class QuantileBucketize(ColumnOp):
             b = sketch_quantiles(sk, qs)
             b = np.unique(b[np.isfinite(b)])
             self.stats[c] = {"boundaries": b.tolist(), "sketch": sk}
+
+    def update_finalize(self, computed: dict[str, Any], decay: float | None = None) -> None:
+        """Merge the sketches but keep the first fit's boundaries, so bucket ids keep their meaning."""
+        for c, sk in merge_sketch_stats(self.stats, computed).items():
+            self.stats[c] = {**self.stats[c], "sketch": sk}
 
     def cardinality(self, column: str) -> int | None:
         if self.stats is None or column not in self.stats:

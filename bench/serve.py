@@ -1,0 +1,247 @@
+"""Serving benchmark: ``python -m ctrflow.serve`` under load on loopback, next to in-process scoring.
+
+Measured side by side in one run, on the same 256-row requests of raw validation rows:
+
+- ``HTTP /predict``: the server (uvicorn, one process, started here as a subprocess on a free port)
+  with ``--clients`` concurrent clients (threads, one keep-alive ``http.client`` connection each)
+  sending ``--requests`` requests in all, then stopping; latency per request as the client sees it.
+- ``HTTP /rank``: the same with ``{"context": ..., "candidates": [256 rows]}``.
+- ``HTTP /predict, no batching``: a second server with ``--no-batching``: each request gets its own
+  transform + model call instead of sharing them with the requests queued beside it.
+- ``Predictor.predict (in-process)``: the same requests as lists of dicts, one after another, no HTTP:
+  what JSON + HTTP + concurrency add.
+- ``Dask Workflow.transform + model``: the baseline a user has without ``Workflow.transform_frame``:
+  each request becomes a one-partition Dask dataset, transformed lazily and computed, then scored.
+
+Rows/s = rows answered / wall time of the phase. ``failed`` counts non-200 answers and connection
+errors; ``server alive`` is checked with ``/health`` after the load. The model: DLRM with fit.py's
+default sizes (dim 16, MLPs 512-256), trained ``--train-steps`` steps on generated data (the weights'
+quality does not change the cost), unless ``--run RUN --raw RAW`` point at an existing run.
+
+Usage:
+    python bench/serve.py                          # table + bench/out/serve.json
+    python bench/serve.py --requests 400 --clients 8 --rows 256 --json out.json
+    python bench/serve.py --run runs/a --raw data/raw/synthetic-2000000-seed0/valid
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server (ctrflow.serve) does: same footing
+
+import argparse  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ctrflow.bench.machine import describe_machine  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "bench", "out")
+
+
+def setup(work: str, rows: int, steps: int) -> tuple[str, str]:
+    """Generated data -> ETL -> a DLRM with fit.py's default sizes; returns (run dir, raw valid dir)."""
+    from ctrflow.etl import synthetic
+    from ctrflow.etl.run import main as etl_main
+    from ctrflow.train.fit import main as fit_main
+
+    raw, proc, run = (os.path.join(work, n) for n in ("raw", "processed", "run"))
+    if not os.path.exists(os.path.join(raw, "synthetic.json")):
+        synthetic.generate(raw, rows=rows, seed=0)
+    if not os.path.exists(os.path.join(proc, "schema.json")):
+        assert etl_main(["--input", os.path.join(raw, "train"), "--valid", os.path.join(raw, "valid"),
+                         "--output", proc, "--overwrite", "--no-progress"]) == 0
+    if not os.path.isdir(os.path.join(run, "checkpoints")):
+        assert fit_main(["--data", proc, "--out", run, "--max-steps", str(steps), "--no-progress",
+                         "--no-loader-bench", "--eval-every", "0"]) == 0
+    return run, os.path.join(raw, "valid")
+
+
+def requests_from(raw_dir: str, n_rows: int, count: int) -> list[list[dict]]:
+    """``count`` requests of ``n_rows`` raw rows (JSON-ready: null for missing, no label), cycling the data."""
+    import pyarrow.parquet as pq
+
+    df = pq.read_table(raw_dir).to_pandas()
+    records = json.loads(df.drop(columns=[c for c in ("label",) if c in df]).to_json(orient="records"))
+    return [[records[(i * n_rows + j) % len(records)] for j in range(n_rows)] for i in range(count)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def start_server(run: str, port: int, max_rows: int, batching: bool = True) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "ctrflow.serve", "--run", run, "--port", str(port),
+                             "--max-rows", str(max_rows), "--log-level", "warning",
+                             *([] if batching else ["--no-batching"])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read().strip()}")
+        try:
+            if get(port, "/health", timeout=1.0)[0] == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not answer /health within 120 s")
+
+
+def load(port: int, path: str, bodies: list[bytes], clients: int, expect: int) -> dict[str, Any]:
+    """Send every body once, ``clients`` at a time; latency per request and failures."""
+    lock, next_i = threading.Lock(), [0]
+    lat: list[float] = []
+    failed = [0]
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while True:
+            with lock:
+                i = next_i[0]
+                next_i[0] += 1
+            if i >= len(bodies):
+                break
+            t = time.perf_counter()
+            try:
+                conn.request("POST", path, bodies[i], {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                data = r.read()
+                ok = r.status == 200 and len(json.loads(data)["scores" if path == "/predict" else "ranked"]) == expect
+            except (OSError, http.client.HTTPException, ValueError, KeyError):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            dt = time.perf_counter() - t
+            with lock:
+                lat.append(dt)
+                failed[0] += not ok
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(lat, time.perf_counter() - t0, expect, failed[0], clients)
+
+
+def summarize(lat: list[float], wall: float, rows: int, failed: int, clients: int) -> dict[str, Any]:
+    ms = np.array(lat) * 1000
+    return {"requests": len(lat), "rows_per_request": rows, "clients": clients,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "rows_per_s": (len(lat) - failed) * rows / wall, "failed": failed, "seconds": wall}
+
+
+def in_process(fn, reqs: list[list[dict]], rows: int) -> dict[str, Any]:
+    lat = []
+    t0 = time.perf_counter()
+    for r in reqs:
+        t = time.perf_counter()
+        fn(r)
+        lat.append(time.perf_counter() - t)
+    return summarize(lat, time.perf_counter() - t0, rows, 0, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=400, help="HTTP requests in all (per endpoint)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--rows", type=int, default=256, help="rows (or candidates) per request")
+    p.add_argument("--baseline-requests", type=int, default=40, help="requests for the in-process baselines")
+    p.add_argument("--run", default=None, help="serve this run dir (default: train a small one in bench/out)")
+    p.add_argument("--raw", default=None, help="raw parquet rows for the requests (needed with --run)")
+    p.add_argument("--data-rows", type=int, default=50_000, help="generated rows for the default run")
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--json", default=os.path.join(OUT, "serve.json"))
+    a = p.parse_args(argv)
+    if (a.run is None) != (a.raw is None):
+        p.error("--run and --raw go together")
+    if min(a.requests, a.clients, a.rows, a.baseline_requests) < 1:
+        p.error("--requests, --clients, --rows, --baseline-requests must be >= 1")
+    run, raw = (a.run, a.raw) if a.run else setup(os.path.join(OUT, "serve-data"), a.data_rows, a.train_steps)
+    reqs = requests_from(raw, a.rows, a.requests)
+    results: dict[str, dict[str, Any]] = {}
+
+    bodies = [json.dumps(r).encode() for r in reqs]
+    rank_bodies = [json.dumps({"context": {}, "candidates": r}).encode() for r in reqs]
+    for batching in (True, False):
+        port = free_port()
+        server = start_server(run, port, max(a.rows, 10_000), batching)
+        suffix = "" if batching else ", no batching"
+        try:
+            load(port, "/predict", bodies[: 2 * a.clients], a.clients, a.rows)  # warm-up, not counted
+            phase = {f"HTTP /predict{suffix}": load(port, "/predict", bodies, a.clients, a.rows)}
+            if batching:
+                phase["HTTP /rank"] = load(port, "/rank", rank_bodies, a.clients, a.rows)
+                phase[f"HTTP /predict{suffix}"]["batching"] = json.loads(get(port, "/metadata")[1])["batching"]
+            alive = server.poll() is None and get(port, "/health")[0] == 200
+            for r in phase.values():
+                r["server_alive"] = alive
+            results.update(phase)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+    from ctrflow.etl import Dataset
+    from ctrflow.serve import Predictor
+
+    pred = Predictor.from_run(run, device="cpu")
+    base = reqs[: a.baseline_requests]
+    pred.predict(base[0])
+    results["Predictor.predict (in-process)"] = in_process(pred.predict, base, a.rows)
+
+    def via_dask(rows: list[dict]) -> Any:
+        frame = pred.raw_frame(rows)
+        processed = pred.workflow.transform(Dataset(frame)).to_ddf().compute()
+        return pred.predict_processed(processed)
+
+    via_dask(base[0])
+    results["Dask Workflow.transform + model"] = in_process(via_dask, base[: max(1, a.baseline_requests // 2)],
+                                                            a.rows)
+    machine = describe_machine()
+    print(f"Serving: DLRM {pred.info.get('model_config', {}).get('over_arch_layer_sizes')} from {run}; "
+          f"{a.rows} rows/request; {machine['cpu']}, {machine['cores']} cores, load {machine['load_avg']}")
+    print(f"{'system':<34} {'clients':>7} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'rows/s':>9} "
+          f"{'failed':>6} {'server alive':>12}")
+    for name, r in results.items():
+        alive = {True: "yes", False: "NO"}.get(r.get("server_alive"), "-")
+        print(f"{name:<34} {r['clients']:>7} {r['requests']:>8} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{r['rows_per_s']:>9,.0f} {r['failed']:>6} {alive:>12}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump({"benchmark": "serve", "machine": machine, "run": run, "args": vars(a), "results": results},
+                  f, indent=2)
+    print(f"wrote {a.json}")
+    ok = all(r["failed"] == 0 and r.get("server_alive", True) for r in results.values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

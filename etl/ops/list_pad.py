@@ -1,0 +1,55 @@
+"""ListPad: fixed-length lists, cut to ``length`` and padded at the end with ``value``.
+
+Seed 000's layout: newest first, padding at the end. With Categorify's ids the default ``value=0``
+is the padding id; a ``X_weights`` column padded alongside gets weight 0 there. Every output list
+has exactly ``length`` elements (still a ``list<T>`` column, offsets ``0, length, 2 * length ...``),
+so the schema's ``max_length`` is ``length``.
+
+Example:
+    >>> fixed = ["hist_items"] >> Categorify() >> ListPad(20)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ctrflow.etl import dispatch, lists
+from ctrflow.etl.ops.base import Operator
+
+
+class ListPad(Operator):
+    """Pad (and cut) each list to exactly ``length`` elements.
+
+    Args:
+        length: output list length (>= 1).
+        value: padding element (cast to each column's element type).
+    """
+
+    output_kind = "other"
+    fixed_length = True  # the schema's max_length is exactly ``length``, whatever came before
+
+    def __init__(self, length: int, value: Any = 0) -> None:
+        if int(length) < 1:
+            raise ValueError(f"ListPad length must be >= 1, got {length}")
+        self.length = int(length)
+        self.value = value
+
+    def params(self) -> dict[str, Any]:
+        return {"length": self.length, "value": self.value}
+
+    def source_column(self, column: str, inputs: list[str]) -> str | None:
+        return column  # a reshape: kind and stats come from upstream
+
+    def list_max_length(self, column: str) -> int:
+        """Every output list has this length."""
+        return self.length
+
+    def transform(self, columns: list[str], df: Any) -> Any:
+        out = {}
+        for c in columns:  # scalar columns pass through (e.g. the candidate of a joint Categorify)
+            if lists.is_list_series(df[c]):
+                padded = lists.pad(lists.list_array(df[c]), self.length, self.value)
+                out[c] = lists.series_from_list(df[c], padded, c)
+            else:
+                out[c] = df[c]
+        return dispatch.frame_from_columns(df, out)

@@ -1,0 +1,92 @@
+"""Serve a training run over HTTP: ``python -m ctrflow.serve --run RUN_DIR`` (or ``ctrflow-serve``).
+
+Commands::
+
+    python -m ctrflow.serve --run runs/dlrm-20261123                      # http://127.0.0.1:8000/docs
+    python -m ctrflow.serve --run runs/a --host 0.0.0.0 --port 9000 --max-rows 2048 --device cuda
+    curl -s localhost:8000/predict -H 'content-type: application/json' -d '[{"I1": 3, "C1": "68fd1e64", ...}]'
+
+A run directory that cannot be served (no checkpoint, its dataset gone, a corrupt workflow) exits
+with code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ctrflow.serve.app import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS
+from ctrflow.serve.predictor import DEFAULT_BATCH_SIZE
+
+
+class UsageError(Exception):
+    """Bad command line or run directory (exit code 2, one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog="python -m ctrflow.serve", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run directory written by train/fit.py --out")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows / candidates per request (413 above)")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="request body size (413 above)")
+    p.add_argument("--device", default=None, help="auto (default: CUDA when available) | cpu | cuda[:i]")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per model call")
+    p.add_argument("--no-batching", action="store_true",
+                   help="score each request on its own (default: concurrent requests share model calls)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's newest)")
+    p.add_argument("--data", default=None, help="processed dataset dir, if it moved since training")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    a = p.parse_args(argv)
+    for name in ("max_rows", "max_bytes", "batch_size"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not 0 <= a.port < 65536:
+        p.error(f"--port must be in 0..65535, got {a.port}")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 after a clean shutdown, 2 for bad input)."""
+    from ctrflow.serve.inputs import ServeError
+
+    try:
+        a = parse_args(argv)
+        try:
+            import uvicorn
+
+            from ctrflow.serve.app import create_app
+        except ImportError as e:
+            raise UsageError(f"serving needs FastAPI and uvicorn ({e}): pip install 'ctrflow[serve]'") from None
+        import torch
+
+        from ctrflow.serve.predictor import Predictor
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        predictor = Predictor.from_run(a.run, device=a.device, batch_size=a.batch_size, checkpoint=a.checkpoint,
+                                       data_dir=a.data)
+        app = create_app(predictor, max_rows=a.max_rows, max_bytes=a.max_bytes, batching=not a.no_batching)
+    except (UsageError, ServeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = predictor.info
+    print(f"serving {info.get('model_class')} from {info.get('checkpoint')} on {predictor.device} at "
+          f"http://{a.host}:{a.port} (docs: /docs)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Raw request rows -> the frame the fitted workflow expects, with errors that name the field.
+
+Training read its input through ``ctrflow.etl.readers`` (arrow-backed pandas: strings as
+``dictionary<int32, string>``, integers int64, floats float64). Serving builds exactly that frame from
+JSON rows or a user's DataFrame, parsing each column to the type the workflow was fitted on
+(``Workflow.input_dtypes``), so the same ops see the same types: ids, hashes and statistics match.
+
+Example:
+    >>> import pyarrow as pa
+    >>> frame_from_records([{"c": 7, "x": "1.5"}], {"c": pa.string(), "x": pa.float64()})["c"].tolist()
+    ['7']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ctrflow.etl.readers import normalize_arrow
+
+
+class ServeError(ValueError):
+    """Bad input to the predictor (a 4xx over HTTP).
+
+    Args:
+        message: one line naming the problem.
+        field: the request field or column at fault (``None`` when it is the request as a whole).
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def arrow_type(dtype: str) -> pa.DataType | None:
+    """The arrow type requests are parsed to from a recorded input dtype (``None``: infer).
+
+    Strings (``dictionary<values=string ...>``, ``string``, ``object``, ``category``) -> string,
+    integers -> int64, floats and booleans -> float64 (what ``readers.normalize_arrow`` stores).
+    """
+    d = dtype.lower()
+    if any(k in d for k in ("string", "object", "category", "str", "utf8")):
+        return pa.string()
+    if "int" in d:
+        return pa.int64()
+    if any(k in d for k in ("double", "float", "bool")):
+        return pa.float64()
+    return None
+
+
+def _what(v: Any) -> str:
+    return {bool: "a boolean", dict: "an object", list: "a list", str: "a string"}.get(type(v), type(v).__name__)
+
+
+def _coerce(col: str, i: int, v: Any, target: pa.DataType | None) -> Any:
+    """One value parsed to ``target`` (None for missing); :class:`ServeError` naming column and row."""
+    if v is None:
+        return None
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    where = f"column {col!r} row {i}"
+    if target is None:
+        if isinstance(v, (dict, list)):
+            raise ServeError(f"{where}: expected a number or a string, got {_what(v)}", col)
+        return v
+    if pa.types.is_string(target):
+        if isinstance(v, str):
+            return v
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        if isinstance(v, float) and v.is_integer():
+            return str(int(v))
+        raise ServeError(f"{where}: expected a string (a category), got {_what(v)} {v!r:.40}", col)
+    if isinstance(v, bool) or isinstance(v, (dict, list)):
+        raise ServeError(f"{where}: expected a number, got {_what(v)}", col)
+    if isinstance(v, str):
+        s = v.strip()
+        if not s:
+            return None  # an empty field is a missing value, as in the Criteo text files
+        try:
+            v = int(s) if pa.types.is_integer(target) and s.lstrip("+-").isdigit() else float(s)
+        except ValueError:
+            raise ServeError(f"{where}: {v!r:.40} is not a number", col) from None
+        if isinstance(v, float) and math.isnan(v):
+            return None
+    if not isinstance(v, (int, float)):
+        raise ServeError(f"{where}: expected a number, got {_what(v)}", col)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ServeError(f"{where}: {v} is not a finite number", col)
+    if pa.types.is_integer(target):
+        if isinstance(v, float):
+            if not v.is_integer():
+                raise ServeError(f"{where}: {v} is not an integer", col)
+            v = int(v)
+        if not -(2**63) <= v < 2**63:
+            raise ServeError(f"{where}: {v} does not fit int64", col)
+        return v
+    return float(v)
+
+
+def column_array(col: str, values: Sequence[Any], target: pa.DataType | None) -> pa.Array:
+    """One column of Python values as an arrow array of ``target``, validated.
+
+    A fast path hands clean columns to arrow in one call; anything it rejects (or may have let through:
+    booleans, infinities) goes value by value so the error names the row.
+    """
+    if target is None:
+        fast = False
+    elif pa.types.is_string(target):
+        fast = all(v is None or type(v) is str for v in values)
+    elif pa.types.is_integer(target):  # arrow would truncate 2.5 to 2 silently
+        fast = all(v is None or type(v) is int for v in values)
+    else:  # arrow would take booleans as 0 / 1 and refuses numeric strings: both go the slow way
+        fast = not any(v is True or v is False or type(v) is str for v in values)
+    if fast:
+        try:
+            arr = pa.array(values, type=target, from_pandas=True)
+            if not pa.types.is_floating(target) or not pc.any(pc.is_inf(arr)).as_py():
+                return arr
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            pass
+    coerced = [_coerce(col, i, v, target) for i, v in enumerate(values)]
+    try:
+        return pa.array(coerced, type=target, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:  # e.g. mixed kinds with no recorded type
+        raise ServeError(f"column {col!r}: values of mixed or unsupported types ({e})", col) from None
+
+
+def to_frame(arrays: Mapping[str, pa.Array]) -> pd.DataFrame:
+    """Arrow columns -> the arrow-backed pandas frame ``ctrflow.etl.readers`` gives the workflow."""
+    table = pa.Table.from_arrays(list(arrays.values()), names=list(arrays))
+    return normalize_arrow(table).to_pandas(types_mapper=pd.ArrowDtype, split_blocks=True)
+
+
+def frame_from_records(rows: Any, types: Mapping[str, pa.DataType | None], field: str = "rows",
+                       fill: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """``to_frame(columns_from_records(...))``: validated JSON-style rows as the raw input frame."""
+    return to_frame(columns_from_records(rows, types, field, fill))
+
+
+def columns_from_records(rows: Any, types: Mapping[str, pa.DataType | None], field: str = "rows",
+                         fill: Mapping[str, Any] | None = None) -> dict[str, pa.Array]:
+    """Validate JSON-style rows and parse them into typed arrow columns.
+
+    Args:
+        rows: a list of objects ``{column: value}`` (B rows); extra keys are ignored.
+        types: every required input column -> the arrow type to parse it to (``None``: infer).
+        field: how error messages name the list (``rows``, ``candidates``).
+        fill: columns to add with a constant (the label: the workflow reads it, the model does not).
+
+    Returns:
+        ``{column: pa.Array [B]}`` for the columns of ``types`` plus ``fill``.
+
+    Raises:
+        ServeError: not a list, empty, a row that is not an object, a missing column, a bad value.
+    """
+    if not isinstance(rows, list):
+        raise ServeError(f"{field} must be a JSON list of objects (one per row), got {_what(rows)}", field)
+    if not rows:
+        raise ServeError(f"{field} is empty: send at least one row", field)
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ServeError(f"{field}[{i}] must be an object {{column: value}}, got {_what(r)}", f"{field}[{i}]")
+    nowhere = [c for c in types if not any(c in r for r in rows)]
+    if nowhere:
+        names = ", ".join(map(repr, nowhere[:8])) + (f" and {len(nowhere) - 8} more" if len(nowhere) > 8 else "")
+        raise ServeError(f"missing column{'s' * (len(nowhere) > 1)} {names} (send null for a missing value)",
+                         nowhere[0])
+    arrays = {}
+    for col, target in types.items():
+        values = [r.get(col, _MISSING) for r in rows]
+        absent = next((i for i, v in enumerate(values) if v is _MISSING), None)
+        if absent is not None:
+            raise ServeError(f"{field}[{absent}] is missing column {col!r} (send null for a missing value)", col)
+        arrays[col] = column_array(col, values, target)
+    for col, value in (fill or {}).items():
+        arrays[col] = pa.array([value] * len(rows))
+    return arrays
+
+
+def columns_from_pandas(df: pd.DataFrame, types: Mapping[str, pa.DataType | None],
+                        fill: Mapping[str, Any] | None = None) -> dict[str, pa.Array]:
+    """Typed arrow columns from a user's DataFrame (any dtypes: numpy, arrow-backed, object).
+
+    Args:
+        df: B rows holding every column of ``types`` (others are ignored).
+        types, fill: as in :func:`columns_from_records`.
+
+    Returns:
+        ``{column: pa.Array [B]}`` for the columns of ``types`` plus ``fill``.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise ServeError(f"expected a pandas DataFrame or a list of row objects, got {type(df).__name__}")
+    if len(df) == 0:
+        raise ServeError("the DataFrame is empty: pass at least one row", "rows")
+    missing = [c for c in types if c not in df.columns]
+    if missing:
+        raise ServeError(f"missing column(s) {missing}", missing[0])
+    arrays = {}
+    for col, target in types.items():
+        s = df[col]
+        arr = None
+        try:
+            arr = pa.Array.from_pandas(s)
+            if isinstance(arr, pa.ChunkedArray):
+                arr = arr.combine_chunks()
+            if pa.types.is_dictionary(arr.type):
+                arr = arr.dictionary_decode()
+            if target is not None and arr.type != target:
+                if pa.types.is_string(target) != (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+                    arr = None  # strings <-> numbers: parse value by value (rules of the JSON path)
+                else:
+                    arr = arr.cast(target, safe=True)
+            if arr is not None and pa.types.is_floating(arr.type) and pc.any(pc.is_inf(arr)).as_py():
+                arr = None
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            arr = None
+        if arr is None:
+            arr = column_array(col, s.astype(object).where(s.notna(), None).tolist(), target)
+        arrays[col] = arr
+    for col, value in (fill or {}).items():
+        arrays[col] = pa.array([value] * len(df))
+    return arrays
+
+
+def concat_columns(parts: Sequence[Mapping[str, pa.Array]]) -> dict[str, pa.Array]:
+    """Several requests' columns stacked into one (row order kept), to transform and score them at once."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {c: pa.concat_arrays([p[c] for p in parts]) for c in parts[0]}
+
+
+def num_rows(columns: Mapping[str, pa.Array]) -> int:
+    return len(next(iter(columns.values()))) if columns else 0
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
