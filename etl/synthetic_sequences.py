@@ -32,14 +32,15 @@ import numpy as np
 import pyarrow as pa
 
 VERSION = 1  # bump whenever the sequence data for a given seed changes (etl/run.py's cache keys on it)
-N_ITEMS = 50_000
-N_CLUSTERS = 200
+N_ITEMS = 20_000
+N_CLUSTERS = 100
 USER_CLUSTERS = 3
 MAX_HIST = 100
 MEAN_HIST = 20
 MAX_TAGS = 30
 IN_CLUSTER_HIST = 0.7  # share of history drawn from the user's clusters
-IN_CLUSTER_CAND = 0.35
+IN_CLUSTER_CAND = 0.35  # share of candidates from the user's clusters
+REPEAT_CAND = 0.15  # share of candidates taken from the row's own history (recent ones more often)
 DECAY = 0.9  # recency weight of history position j (0 = newest)
 SIMILAR = 0.3  # weight of a same-cluster history item relative to the same item
 SEQ_A, SEQ_SCALE = 2.0, 1.5
@@ -118,6 +119,11 @@ class SequenceModel:
         hist = np.empty(len(row), dtype=np.int64)
         hist[mine] = self._in_clusters(rng, user[row[mine], rng.integers(0, USER_CLUSTERS, int(mine.sum()))])
         hist[~mine] = _zipf_rank(rng.random(len(row) - int(mine.sum())), N_ITEMS, ITEM_S)
+        # Re-engagement: some candidates are an item of the row's own history, recent ones more often.
+        again = (rng.random(n) < REPEAT_CAND) & (hist_len > 0)
+        back = np.minimum(rng.geometric(0.3, n) - 1, np.maximum(hist_len - 1, 0))
+        item = np.where(again, hist[np.minimum(np.cumsum(hist_len) - hist_len + back, max(len(hist) - 1, 0))]
+                        if len(hist) else item, item)
         match = (hist == item[row]) + SIMILAR * (self.cluster[hist] == self.cluster[item][row])
         s = np.bincount(row, weights=match * (DECAY ** np.arange(MAX_HIST))[pos], minlength=n)
         # Tags: the user's clusters with strong weights, then random ones with weak weights, shuffled.

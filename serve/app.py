@@ -116,6 +116,8 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
             return json.loads(body, parse_constant=lambda c: None if c == "NaN" else float(c))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HTTPError(400, f"malformed JSON: {e}", "body") from None
+        except RecursionError:
+            raise HTTPError(400, "malformed JSON: nested too deeply", "body") from None
 
     def check_rows(rows: Any, field: str) -> None:
         if isinstance(rows, list) and len(rows) > max_rows:

@@ -54,7 +54,8 @@ def arrow_type(dtype: str) -> pa.DataType | None:
 
 
 def _what(v: Any) -> str:
-    return {bool: "a boolean", dict: "an object", list: "a list", str: "a string"}.get(type(v), type(v).__name__)
+    return {bool: "a boolean", dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
+        type(v), type(v).__name__)
 
 
 def _coerce(col: str, i: int, v: Any, target: pa.DataType | None) -> Any:
@@ -93,12 +94,12 @@ def _coerce(col: str, i: int, v: Any, target: pa.DataType | None) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         raise ServeError(f"{where}: {v} is not a finite number", col)
     if pa.types.is_integer(target):
+        if not -(2**63) <= v < 2**63:
+            raise ServeError(f"{where}: {v:.6g} does not fit int64", col)
         if isinstance(v, float):
             if not v.is_integer():
                 raise ServeError(f"{where}: {v} is not an integer", col)
             v = int(v)
-        if not -(2**63) <= v < 2**63:
-            raise ServeError(f"{where}: {v} does not fit int64", col)
         return v
     return float(v)
 
@@ -122,13 +123,24 @@ def column_array(col: str, values: Sequence[Any], target: pa.DataType | None) ->
             arr = pa.array(values, type=target, from_pandas=True)
             if not pa.types.is_floating(target) or not pc.any(pc.is_inf(arr)).as_py():
                 return arr
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeError):
             pass
     coerced = [_coerce(col, i, v, target) for i, v in enumerate(values)]
     try:
         return pa.array(coerced, type=target, from_pandas=True)
+    except UnicodeError:  # a lone surrogate ("\ud800") decodes from JSON but is no UTF-8 text
+        i = next((i for i, v in enumerate(coerced) if isinstance(v, str) and not _is_utf8(v)), 0)
+        raise ServeError(f"column {col!r} row {i}: the string is not valid Unicode text", col) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:  # e.g. mixed kinds with no recorded type
         raise ServeError(f"column {col!r}: values of mixed or unsupported types ({e})", col) from None
+
+
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeError:
+        return False
 
 
 def to_frame(arrays: Mapping[str, pa.Array]) -> pd.DataFrame:

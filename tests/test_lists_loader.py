@@ -241,3 +241,15 @@ def test_blocked_take_matches_reference():
         assert np.array_equal(np.diff(o), lengths[rows])
     v, o, w = take_rows((values, offsets, None), rows)
     assert np.array_equal(v, ref_v) and w is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_gpu_lists_rebuild_exactly_once(data, shuffle):
+    loader = Loader(data, 128, shuffle=shuffle, seed=2, device="cuda")
+    seen = []
+    for b in loader:
+        assert b.lists["tags"][0].is_cuda and b.weights["tags"].is_cuda
+        seen += check_epoch([b.to("cpu")])
+    assert sorted(seen) == list(range(N))

@@ -219,6 +219,31 @@ def test_health_metadata_and_docs(client, predictor):
     assert client.get("/docs").status_code == 200
 
 
+def test_random_garbage_never_gets_a_500(client, raw):
+    rng = np.random.default_rng(0)
+    one = _records(raw, 1)[0]
+    values = [None, 0, -1, 2**70, 1.5, -1e300, "", " ", "x", "1e5", "NaN", "-inf", True, [], {}, [1, "a"], {"a": None},
+              "\u00e9\u4e2d", "C" * 1000]
+    cols = list(one)
+    for _ in range(100):
+        row = dict(one)
+        for c in rng.choice(cols, size=3, replace=False):
+            row[str(c)] = values[rng.integers(len(values))]
+        if rng.random() < 0.2:
+            row.pop(str(rng.choice(cols)))
+        r = client.post("/predict" if rng.random() < 0.5 else "/rank",
+                        json=[row] if rng.random() < 0.5 else {"context": {}, "candidates": [row]})
+        assert r.status_code < 500, r.text
+        assert r.status_code == 200 or r.json()["detail"], r.text
+
+
+def test_regression_task_returns_raw_values(predictor, raw):
+    rows = _records(raw, 10)
+    reg = Predictor(predictor.model, predictor.workflow, predictor.schema, task="regression", device="cpu")
+    p = predictor.predict(rows).astype(np.float64)
+    np.testing.assert_allclose(reg.predict(rows), np.log(p / (1 - p)), atol=1e-4)
+
+
 def test_app_without_batching(predictor, raw):
     rows = _records(raw, 20)
     with TestClient(create_app(predictor, batching=False)) as c:
@@ -263,6 +288,10 @@ def _bad_requests(rows: list[dict]) -> list[tuple[str, dict, int, str]]:
         ("/predict", {"json": [{**one, "I1": "twelve"}]}, 422, "I1"),
         ("/predict", {"json": [{**one, "C1": [1, 2]}]}, 422, "C1"),
         ("/predict", {"content": json.dumps([{**one, "I1": "Infinity"}])}, 422, "I1"),
+        ("/predict", {"content": b"[" * 50_000 + b"]" * 50_000}, 400, "body"),
+        ("/predict", {"content": json.dumps([{**one, "C4": "\ud800"}])}, 422, "C4"),
+        ("/predict", {"content": json.dumps([{**one, "I5": 1e300}])}, 422, "I5"),
+        ("/predict", {"content": b"null"}, 422, "rows"),
         ("/predict", {"json": [one] * 301}, 413, "rows"),
         ("/predict", {"content": b"[" + b" " * 200_001 + b"]"}, 413, "body"),
         ("/rank", {"json": [one]}, 422, "body"),
