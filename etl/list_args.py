@@ -110,16 +110,17 @@ def split(dataset: Any, args: argparse.Namespace) -> Any:
     return lists.split_dataset(dataset, spec) if spec else dataset
 
 
-def joint_columns(args: argparse.Namespace) -> set[str]:
-    """Columns encoded with a joint vocabulary (the per-column Categorify must skip them)."""
-    return {c for m in _specs(args)[1].values() for c in m}
+def claimed_columns(args: argparse.Namespace) -> set[str]:
+    """List columns and joint-vocabulary columns: encoded by ``extend_graph``, not the per-column Categorify."""
+    spec, joint = _specs(args)
+    return set(spec) | {c for m in joint.values() for c in m}
 
 
 def extend_graph(graph: Any, args: argparse.Namespace, available: list[str], categorify: Any) -> Any:
     """Add the joint-vocabulary and list-column branches to ``graph``.
 
     Args:
-        graph: the workflow graph so far (without the ``joint_columns``).
+        graph: the workflow graph so far (without the ``claimed_columns``).
         args: parsed flags (``check`` applied).
         available: the input's column names (to find ``L_weights`` columns).
         categorify: ``**kwargs -> Categorify`` with the run's threshold / size / bucket flags.

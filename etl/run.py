@@ -149,8 +149,7 @@ def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str],
     graph = [args.label] >> Label(task=args.task)
     if conts:
         graph = graph + (conts >> FillMissing(0) >> Clip(min_value=0) >> LogOp() >> Normalize())
-    joint_cats = [c for c in cats if c in list_args.joint_columns(args)]  # encoded with their joint vocabulary
-    cats = [c for c in cats if c not in joint_cats]
+    cats = [c for c in cats if c not in list_args.claimed_columns(args)]  # list / joint-vocabulary branches
     if cats:
         graph = graph + (cats >> Categorify(args.freq_threshold, args.max_size, args.num_buckets))
     graph = list_args.extend_graph(graph, args, available or [],

@@ -9,19 +9,22 @@ Adds four columns to the Criteo-shaped rows of :mod:`ctrflow.etl.synthetic`:
   interest tags (one tag per item cluster) with strengths in (0, 1].
 
 Click model: every item belongs to one of ``N_CLUSTERS`` clusters. A row's user likes
-``USER_CLUSTERS`` clusters; 70% of the history comes from them, the rest from global popularity,
-and 35% of candidates are drawn from them. The logit gains
+``USER_CLUSTERS`` clusters; 70% of the history comes from them, the rest from global popularity;
+15% of candidates are an item of the row's own history (recent ones more often: re-engagement),
+35% of the others come from the user's clusters. The logit gains
 
     SEQ_A * tanh(sum_j DECAY**j * (1[h_j == item] + SIMILAR * 1[cluster(h_j) == cluster(item)]) / SEQ_SCALE)
     + TAG_B * sum_j w_j * 1[tag_j == tag(cluster(item))]
     + the candidate's own (faded, centred) popularity effect,
 
-minus a constant that keeps the click rate where it was: recent clicks on the same item or on a
+minus a constant that keeps the mean logit where it was (the click rate rises to ~26.5% with the
+wider spread of logits): recent clicks on the same item or on a
 similar item (same cluster) raise the click probability, more when they are recent. All draws come
 from generators seeded by ``(seed, 10 + k, block)``, so the base columns are byte-identical to a run
 without sequences; only the labels change (their probability includes these terms). A sequence-free
 model can still learn the candidate's average effect: ``oracle_no_sequence`` (AUC of the true logit
-minus the sequence terms plus their per-item mean) approximates what it can reach.
+minus the sequence terms plus their per-item mean) approximates what it can reach. With 1M rows,
+seed 0: oracle valid AUC 0.820, sequence-free oracle ~0.759.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ has exactly ``length`` elements (still a ``list<T>`` column, offsets ``0, length
 so the schema's ``max_length`` is ``length``.
 
 Example:
+    >>> from ctrflow.etl.ops import Categorify
     >>> fixed = ["hist_items"] >> Categorify() >> ListPad(20)
 """
 
