@@ -270,7 +270,7 @@ def run_update(args: Any, backend: Any) -> dict[str, Any]:
     ``schema.json`` with the grown cardinalities. ``--valid`` files are transformed as given;
     without them ``--valid-fraction`` (default 0.1) of the new day is held out and not fitted on.
     """
-    from ctrflow.etl import Dataset
+    from ctrflow.etl import Dataset, list_args
     from ctrflow.etl.run import (
         UsageError,
         _fits_in_memory,
@@ -304,6 +304,7 @@ def run_update(args: Any, backend: Any) -> dict[str, Any]:
     needed = workflow.input_columns
     with dask_context(args, backend), _progress(args, backend):
         t0 = time.perf_counter()
+        train, valid = list_args.split(train, args), list_args.split(valid, args)  # as in the first fit's --list-cols
         train.check_columns(needed)
         if valid is not None:
             valid.check_columns(needed)
@@ -329,9 +330,10 @@ def run_update(args: Any, backend: Any) -> dict[str, Any]:
             if rows["train"] == 0:
                 raise UsageError("the new day has no training rows: check --input")
             workflow.save(os.path.join(tmp, "workflow"))
+            list_args.finish_schema(schema, tmp)  # max_length = longest list written
             seconds = time.perf_counter() - t0
             grown = {c.name: [before[c.name].cardinality, c.cardinality] for c in schema.columns
-                     if c.kind == "categorical" and before[c.name].cardinality != c.cardinality}
+                     if c.kind in ("categorical", "list") and before[c.name].cardinality != c.cardinality}
             prev = {}
             with contextlib.suppress(SchemaError, OSError):  # the workflow may have been moved on its own
                 prev = Schema.load(os.path.dirname(os.path.abspath(src))).metadata
