@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         extra = [_col_spec(s, "--bucketize")[0] for s in args.bucketize]
         extra += [_col_spec(s, "--auto-bins")[0] for s in args.auto_bins]
-        needed = [args.label, *conts, *cats, *extra]
+        needed = list(dict.fromkeys([args.label, *conts, *cats, *extra]))  # --auto-bins I1 may also be a --conts
         needed += [c for c in list_args.needed_columns(args, train.column_names) if c not in needed]
         train, valid = list_args.split(train, args), list_args.split(valid, args)  # 'COL:SEP' strings -> lists
         train.check_columns(needed)

@@ -137,6 +137,17 @@ def test_cli_synthetic_default_path(tmp_path, monkeypatch):
     assert main(["--synthetic-rows", "5000", "--no-progress", "--overwrite"]) == 0
 
 
+def test_cli_bins_on_continuous_columns(tmp_path, monkeypatch):
+    # I1 is both normalized (--conts) and binned: the input must not carry it twice.
+    monkeypatch.chdir(tmp_path)
+    assert main(["--synthetic-rows", "3000", "--no-progress", "--auto-bins", "I1:8", "--bucketize", "I2:0,1,10"]) == 0
+    schema = Schema.load(tmp_path / "data" / "processed")
+    assert "I1" in schema.continuous and schema["I1_bin"].cardinality <= 9 + 2
+    train = pd.read_parquet(tmp_path / "data" / "processed" / "train", columns=["I1_bin", "I2_bucket"])
+    assert train["I1_bin"].max() < schema["I1_bin"].cardinality
+    assert train["I2_bucket"].max() < schema["I2_bucket"].cardinality
+
+
 def _bad(tmp_path, argv, capsys, needle):
     out = tmp_path / "bad-out"
     code = main([*argv, "--output", str(out), "--no-progress"])
