@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ctrflow.loader.batch import Batch
+from ctrflow.loader.cache import PieceCache
 from ctrflow.loader.chunk import Chunk, CpuBuilder, read_tables
 from ctrflow.loader.lists import LIST_FORMATS, batch_lists
 from ctrflow.loader.plan import Slice, batches_for, epoch_chunks, rank_rows
@@ -95,6 +96,9 @@ class Loader(torch.utils.data.IterableDataset):
             ``"padded"``: ``(ids [B, L] padded with 0, lengths [B])`` (weights ``[B, L]``).
         pad_lengths: L per list column for ``"padded"`` (an int for all; default: the schema's
             ``max_length``, else the longest list of each batch).
+        cache: keep the decoded pieces in host memory after the first epoch, so later epochs skip the
+            parquet decode (``ctrflow.loader.cache``; costs the decoded size of this rank's rows, see
+            ``cache_bytes``). Decodes on the host, also with ``use_cudf``.
 
     ``len(loader)`` is the exact number of batches per epoch (the same on every rank).
     """
@@ -121,6 +125,7 @@ class Loader(torch.utils.data.IterableDataset):
         list_weights: dict[str, str] | None = None,
         list_format: str = "jagged",
         pad_lengths: int | dict[str, int] | None = None,
+        cache: bool = False,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -141,11 +146,12 @@ class Loader(torch.utils.data.IterableDataset):
             from ctrflow.loader.cuda import cudf_available
 
             self.use_cudf = cudf_available() if use_cudf is None else bool(use_cudf)
-            self.use_cudf = self.use_cudf and not self.columns.lists  # list columns: host decode
+            self.use_cudf = self.use_cudf and not self.columns.lists and not cache  # host decode
         else:
             self.use_cudf = False
         self.pin_memory = bool(pin_memory) and self.device.type == "cpu" and torch.cuda.is_available()
         self.read_ahead = bool(read_ahead)
+        self._cache = PieceCache(self.source) if cache else None
         self.epoch = 0
         self.rows = rank_rows(self.source.rows, self.world, self.batch_size, self.drop_last)[self.rank]
         self._len = batches_for(self.rows, self.batch_size)
@@ -159,6 +165,11 @@ class Loader(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         return self._len
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of decoded data held by ``cache=True`` (0 without a cache)."""
+        return self._cache.nbytes if self._cache is not None else 0
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (to resume; iterating advances it by one)."""
@@ -216,6 +227,8 @@ class Loader(torch.utils.data.IterableDataset):
 
             def read(parts):
                 return read_device_columns(src, parts, device)
+        elif self._cache is not None:
+            read = self._cache.read
         else:
 
             def read(parts):

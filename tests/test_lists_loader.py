@@ -253,3 +253,11 @@ def test_gpu_lists_rebuild_exactly_once(data, shuffle):
         assert b.lists["tags"][0].is_cuda and b.weights["tags"].is_cuda
         seen += check_epoch([b.to("cpu")])
     assert sorted(seen) == list(range(N))
+
+
+def test_lists_with_cache_rebuild_exactly_once(data):
+    loader = Loader(data, 128, shuffle=True, seed=2, cache=True)
+    for _ in range(2):
+        seen = check_epoch(loader)
+        assert sorted(seen) == list(range(N))
+    assert loader.cache_bytes > 0

@@ -298,3 +298,28 @@ def test_bad_arguments_fail_with_one_clear_line(parts):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             make(parts, device="cuda")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_cache_gives_the_same_epochs_as_streaming(parts, world, monkeypatch):
+    import ctrflow.loader.cache as cache_mod
+
+    decoded = []  # pieces decoded through the cache
+    real = cache_mod.read_tables
+    monkeypatch.setattr(cache_mod, "read_tables", lambda src, s: decoded.extend(x.piece for x in s) or real(src, s))
+    for rank in range(world):
+        streamed = make(parts, batch_size=100, seed=5, global_rank=rank, global_size=world)
+        cached = make(parts, batch_size=100, seed=5, global_rank=rank, global_size=world, cache=True)
+        for epoch in range(3):
+            a, b = epoch_ids(streamed), epoch_ids(cached)
+            assert [x.tolist() for x in a] == [x.tolist() for x in b], f"rank {rank} epoch {epoch}"
+            rows = np.concatenate(b)
+            assert len(rows) == len(set(rows.tolist()))  # exactly once
+            if epoch == 0:
+                first = len(decoded)
+        if world == 1:
+            assert len(decoded) == first, "later epochs must not decode again"
+        # With several ranks a rank reads other pieces in later epochs: each is still decoded once.
+        assert len(set(decoded)) == len(decoded), "each piece decoded once"
+        decoded.clear()
+        assert cached.cache_bytes > 0 and streamed.cache_bytes == 0
