@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
+import uuid
 from typing import Any
 
 import dask
 import dask.dataframe as dd
 import pandas as pd
 
-from ctrflow.etl import readers
+from ctrflow.etl import dispatch, readers
 from ctrflow.etl.readers import DatasetError, Piece
 from ctrflow.etl.schema import Schema
 
@@ -67,6 +69,32 @@ def expand_paths(source: str | os.PathLike | list, engine: str) -> list[str]:
         else:
             raise DatasetError(f"input {item} does not exist")
     return files
+
+
+def _distributed_client() -> Any:
+    """The default ``distributed.Client``, when one is running (without importing distributed)."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import default_client
+
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+class _Partitions:
+    """In-memory partitions served to ``dd.from_map`` by index (tokenized by identity, not content)."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.token = uuid.uuid4().hex
+
+    def __call__(self, i: int) -> Any:
+        return self.parts[i]
+
+    def __dask_tokenize__(self) -> str:
+        return self.token
 
 
 class Dataset:
@@ -183,8 +211,21 @@ class Dataset:
         return total
 
     def persist(self, columns: list[str] | None = None) -> Dataset:
-        """Read the data once into (worker) memory; later passes skip the disk and the decode."""
-        return Dataset(self.to_ddf(columns).persist(), schema=self.schema)
+        """Read the data once into (worker) memory; later passes skip the disk and the decode.
+
+        With a distributed client the partitions stay on the workers (``ddf.persist()``); with the
+        local schedulers they are computed into this process and served by ``from_map``, which
+        skips ``persist``'s tokenizing of the data itself (sha1 of every buffer: ~0.4 CPU-s per
+        2M Criteo rows), and their string columns share one dictionary per column
+        (``readers.share_dictionaries``: Categorify then counts and maps each value once).
+        """
+        ddf = self.to_ddf(columns)
+        if _distributed_client() is not None:
+            return Dataset(ddf.persist(), schema=self.schema)
+        parts = readers.share_dictionaries(list(dispatch.compute(*ddf.to_delayed())))
+        held = dd.from_map(_Partitions(parts), range(len(parts)), meta=ddf._meta, enforce_metadata=False,
+                           divisions=[None] * (len(parts) + 1))
+        return Dataset(held, schema=self.schema)
 
     def to_parquet(self, output_path: str | os.PathLike, overwrite: bool = False,
                    row_group_size: int | None = None, compression: str = "none") -> list[int]:

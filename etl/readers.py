@@ -81,6 +81,37 @@ def arrow_to_frame(table: pa.Table) -> Any:
     return table.to_pandas(types_mapper=pd.ArrowDtype, split_blocks=True)
 
 
+def share_dictionaries(frames: list[Any]) -> list[Any]:
+    """In-memory partitions with one shared dictionary per string column.
+
+    Each parquet row group brings its own dictionary; unifying them once (one hash pass over the
+    dictionaries, indices remapped) lets Categorify count by adding arrays and map a column's values
+    to ids once instead of once per partition. Values and row order are unchanged.
+
+    Args:
+        frames: pandas partitions with arrow-backed columns (others are returned as they are).
+
+    Returns:
+        The partitions, dictionary columns replaced by their unified equivalents.
+    """
+    if len(frames) < 2 or not all(isinstance(f, pd.DataFrame) for f in frames):
+        return frames
+    dtypes = frames[0].dtypes
+    cols = [c for c, t in dtypes.items() if isinstance(t, pd.ArrowDtype) and pa.types.is_dictionary(t.pyarrow_dtype)
+            and all(c in f.columns and f[c].dtype == t for f in frames)]
+    if not cols:
+        return frames
+    chunks = {c: [dispatch.to_arrow(f[c]) for f in frames] for c in cols}
+    table = pa.Table.from_arrays([pa.chunked_array(chunks[c], type=dtypes[c].pyarrow_dtype) for c in cols],
+                                 names=cols).unify_dictionaries()
+    out = []
+    for i, f in enumerate(frames):
+        new = {c: pd.Series(pd.arrays.ArrowExtensionArray(table[c].chunk(i)), index=f.index, name=c, copy=False)
+               for c in cols}
+        out.append(pd.DataFrame({c: new.get(c, f[c]) for c in f.columns}, index=f.index, copy=False))
+    return out
+
+
 def meta_from_schema(schema: pa.Schema) -> Any:
     return arrow_to_frame(schema.empty_table())
 
@@ -88,6 +119,7 @@ def meta_from_schema(schema: pa.Schema) -> Any:
 # ---- parquet --------------------------------------------------------------------------------
 def parquet_pieces(files: list[str], part_rows: int) -> tuple[list[Piece], pa.Schema]:
     """Group each file's row groups into pieces of about ``part_rows`` rows; check every footer."""
+    dispatch.use_etl_memory_pool()
     pieces: list[Piece] = []
     schema: pa.Schema | None = None
     for f in files:
@@ -118,6 +150,7 @@ def parquet_pieces(files: list[str], part_rows: int) -> tuple[list[Piece], pa.Sc
 
 
 def read_parquet_piece(piece: Piece, columns: list[str] | None) -> pd.DataFrame:
+    dispatch.use_etl_memory_pool()
     try:
         pf = pq.ParquetFile(piece.path)
         table = pf.read_row_groups(list(piece.row_groups), columns=columns, use_threads=True)
@@ -185,6 +218,7 @@ def read_text_piece(
     columns: list[str] | None,
 ) -> pd.DataFrame:
     """Parse one piece of a CSV (with header) or Criteo TSV (no header) file."""
+    dispatch.use_etl_memory_pool()
     data = _read_range(piece, skip_header=(fmt == "csv"))
     delimiter = "\t" if fmt == "criteo" else ","
     if not data.strip():

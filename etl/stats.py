@@ -15,7 +15,8 @@ import dask
 import numpy as np
 
 
-def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[list[Any]], Any], split_every: int = 8):
+def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[list[Any]], Any], split_every: int = 8,
+                finish: Callable[[Any], Any] | None = None):
     """A lazy tree reduction over the partitions of a Dask DataFrame.
 
     Args:
@@ -23,6 +24,7 @@ def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[list[Any
         chunk: partition -> partial result.
         merge: [partial, ...] -> partial (up to ``split_every`` at a time); associative.
         split_every: fan-in of each merge level.
+        finish: applied once to the final partial (e.g. to put it in its public form).
 
     Returns:
         A ``dask.delayed`` object; compute it (with the level's other stats) for the final partial.
@@ -31,7 +33,7 @@ def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[list[Any
     parts = [dask.delayed(chunk)(p) for p in ddf.to_delayed(optimize_graph=False)]
     while len(parts) > 1:
         parts = [dask.delayed(merge)(parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
-    return parts[0]
+    return dask.delayed(finish)(parts[0]) if finish is not None else parts[0]
 
 
 def merge_columns(pairwise: Callable[[Any, Any], Any]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -46,14 +48,17 @@ def merge_columns(pairwise: Callable[[Any, Any], Any]) -> Callable[[list[dict[st
 # ---- moments: count, mean, M2, min, max (Chan et al.'s parallel variance) ----------------------
 def moments(values: np.ndarray) -> dict[str, float]:
     """Moments of the non-NaN entries of a 1-D float array."""
-    v = values[~np.isnan(values)]
+    nan = np.isnan(values)
+    v = values[~nan] if nan.any() else values  # no copy when nothing is missing (e.g. after FillMissing)
     if v.size == 0:
         return {"count": 0, "mean": 0.0, "m2": 0.0, "min": None, "max": None}  # None, not inf: strict JSON
     mean = float(v.mean())
+    d = v - mean
+    d *= d  # the same arithmetic as ((v - mean) ** 2), one temporary
     return {
         "count": int(v.size),
         "mean": mean,
-        "m2": float(((v - mean) ** 2).sum()),
+        "m2": float(d.sum()),
         "min": float(v.min()),
         "max": float(v.max()),
     }

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 import warnings
 from typing import Any
 
-import dask
 import pyarrow.parquet as pq
 
 from ctrflow.etl import dispatch, lists
@@ -44,6 +44,11 @@ class _Evaluator:
     def __init__(self, targets: list[Node], cast: dict[str, str] | None = None) -> None:
         self.targets = targets
         self.cast = cast
+        self.token = uuid.uuid4().hex
+
+    def __dask_tokenize__(self) -> str:
+        # Dask would otherwise pickle the whole graph (vocabularies included) to name each task.
+        return self.token
 
     def __call__(self, df: Any) -> Any:
         memo: dict[int, Any] = {}
@@ -59,6 +64,8 @@ class _Evaluator:
             return memo[key]
         if node.selector is not None:
             out = df[node.selector.names]
+        elif node.op is not None and node.op.elementwise:
+            out = self._eval_elementwise(node, df, memo)
         else:
             parts = [self._eval(p, df, memo) for p in node.parents]
             inp = parts[0] if len(parts) == 1 else _concat(parts)
@@ -66,13 +73,33 @@ class _Evaluator:
         memo[key] = out
         return out
 
+    def _eval_elementwise(self, node: Node, df: Any, memo: dict[int, Any]) -> Any:
+        """A chain of elementwise ops (``FillMissing >> Clip >> LogOp >> Normalize``) in one pass per
+        column on one float64 array: each op writes in place, so no intermediate arrays or Series."""
+        chain = [node]
+        while (len(chain[-1].parents) == 1 and (p := chain[-1].parents[0]).op is not None and p.op.elementwise
+               and id(p) not in memo):
+            chain.append(p)
+        chain.reverse()
+        for n in chain:
+            n.op._require_fitted()
+        parents = [self._eval(p, df, memo) for p in chain[0].parents]
+        inp = parents[0] if len(parents) == 1 else _concat(parents)
+        out = {}
+        for c in node.input_columns:
+            x = dispatch.float_work(inp[c])
+            for n in chain:
+                x = n.op.transform_array(c, x if x.dtype == "float64" else x.astype("float64"))
+            out[c] = dispatch.series_like(inp[c], x, name=c)
+        return dispatch.frame_from_columns(inp, out)
+
 
 def _concat(frames: list[Any]) -> Any:
     """Column-wise concat of frames sharing an index (a later duplicate column wins)."""
     cols: dict[str, Any] = {}
     for f in frames:
-        for c in f.columns:
-            cols[c] = f[c]
+        for c, s in f.items():  # by position: cheaper than a label lookup per column
+            cols[c] = s
     return dispatch.frame_from_columns(frames[0], cols)
 
 
@@ -129,7 +156,7 @@ class Workflow:
                 parents_eval = _Evaluator(node.parents)
                 inp = ddf.map_partitions(parents_eval, meta=parents_eval(ddf._meta))
                 lazy.append(node.op.fit(node.input_columns, inp))
-            computed = dask.compute(*lazy)
+            computed = dispatch.compute(*lazy)
             for node, stats in zip(nodes, computed, strict=True):
                 node.op.fit_finalize(stats)
         self.fitted = True
@@ -230,7 +257,8 @@ class Workflow:
                 for name, table in tables.items():
                     rel = f"ops/{i}/{name}.parquet"
                     os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-                    pq.write_table(table, os.path.join(tmp, rel))
+                    # values are distinct: dictionary encoding would hash them all for nothing
+                    pq.write_table(table, os.path.join(tmp, rel), use_dictionary=False)
                     tables_index.setdefault(str(i), {})[name] = table.num_rows
                 return {**op_to_dict(op), "state": state}
 

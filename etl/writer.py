@@ -13,6 +13,8 @@ import dask
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctrflow.etl import dispatch
+
 MIN_ROW_GROUP = 256 * 1024
 
 
@@ -108,7 +110,7 @@ def write_parquet(
                                           count_ids or [], row_group_size, compression)
             for i, p in enumerate(parts)
         ])
-    results = dask.compute(*tasks)
+    results = dispatch.compute(*tasks)
     return [[r for r in job if r["rows"]] for job in results]
 
 

@@ -10,8 +10,8 @@ epochs slice those. The shuffle, sharding and batching are unchanged: ``read`` r
 Memory: the decoded size of the pieces this rank has read (``Loader.cache_bytes`` tells), held until
 the loader is garbage-collected or ``clear()`` is called. With several ranks the shuffled plan gives a
 rank other pieces in later epochs, so each rank's cache grows towards the whole dataset: on one
-machine with N ranks, budget N copies (or cache only with one rank per machine). Off by default: the streaming loader keeps about
-two chunks alive however large the dataset.
+machine with N ranks, budget N copies (or cache only with one rank per machine). Off by default:
+the streaming loader keeps about two chunks alive however large the dataset.
 """
 
 from __future__ import annotations

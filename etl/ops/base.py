@@ -67,6 +67,25 @@ class Operator:
         raise NotImplementedError
 
     @property
+    def elementwise(self) -> bool:
+        """True when the op maps each float64 input column to one output column of the same name
+        through :meth:`transform_array`; the workflow then fuses chains of such ops into one pass
+        per column on a plain array (no Series, no intermediate arrays)."""
+        return False
+
+    def transform_array(self, column: str, x: Any) -> Any:
+        """Transform one column held as a float64 array [N] (NaN = null) that the caller owns.
+
+        Args:
+            column: the column's name (its stats key).
+            x: float64 numpy / cupy array [N]; may be overwritten (``out=x``).
+
+        Returns:
+            The output array [N] (``x`` itself or a new array).
+        """
+        raise NotImplementedError
+
+    @property
     def is_stat(self) -> bool:
         """True when the op must be fitted before it can transform."""
         return type(self).fit is not Operator.fit

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -72,6 +73,7 @@ class Categorify(Operator):
         self.stats: dict[str, dict[str, Any]] | None = None
         self.vocabs: dict[str, pa.Table] = {}
         self._lookup: dict[str, pa.Array] = {}
+        self._lut_cache: dict[tuple, tuple[pa.Array, pa.Array, np.ndarray]] = {}  # see _lut
         self.tails: dict[str, pa.Table] = {}  # counts of seen values not kept, for Workflow.update
 
     def params(self) -> dict[str, Any]:
@@ -84,7 +86,8 @@ class Categorify(Operator):
 
     # ---- fit ------------------------------------------------------------------------------
     def fit(self, columns: list[str], ddf: Any) -> Any:
-        return tree_reduce(ddf[columns], lambda df: {c: value_counts(df[c]) for c in columns}, merge_counts)
+        return tree_reduce(ddf[columns], lambda df: {c: partial_counts(df[c]) for c in columns}, merge_counts,
+                           finish=resolve_counts)
 
     def fit_finalize(self, computed: dict[str, dict[str, Any]]) -> None:
         self.stats, self.vocabs, self.tails = {}, {}, {}
@@ -144,20 +147,43 @@ class Categorify(Operator):
         out = {}
         for col in columns:
             dtype = id_dtype(self.cardinality(col))
-            if lists.is_list_series(df[col]):  # element-wise on the flat values, offsets kept
-                out[col] = lists.map_values(df[col], functools.partial(self._encode, col, dtype),
+            series = df[col]  # one lookup: pandas column access is not free on wide frames
+            if lists.is_list_series(series):  # element-wise on the flat values, offsets kept
+                out[col] = lists.map_values(series, functools.partial(self._encode, col, dtype),
                                             pa.from_numpy_dtype(dtype), col)
                 continue
-            codes, uniques = dispatch.factorize(df[col])
-            lut = np.append(self._ids_of(col, uniques), NULL)  # code -1 (null) -> last entry
-            ids = lut.astype(dtype)[codes]
-            out[col] = dispatch.series_like(df[col], ids, name=col)
+            codes, uniques = dispatch.factorize(series)
+            ids = self._lut(col, uniques, dtype)[codes]
+            out[col] = dispatch.series_like(series, ids, name=col)
         return dispatch.frame_from_columns(df, out)
 
     def _encode(self, col: str, dtype: str, flat: pa.Array) -> np.ndarray:
         """Ids [M] of flat list elements [M] (null elements -> 1)."""
         codes, uniques = dispatch.factorize_arrow(flat)
         return np.append(self._ids_of(col, uniques), NULL).astype(dtype)[codes]
+
+    def _lut(self, col: str, uniques: pa.Array, dtype: str) -> np.ndarray:
+        """Ids [len(uniques) + 1] of a partition's distinct values, the last entry for code -1 (null).
+
+        Cached per dictionary: partitions held in memory share one dictionary per column
+        (``readers.share_dictionaries``), so the vocabulary lookup runs once per column, not once per
+        partition. An entry keeps its dictionary alive (its buffer addresses are the key, so they
+        cannot be reused by another array) and is dropped when the vocabulary changes.
+        """
+        vocab = self._lookup.get(self._vocab_key(col))
+        key = (col, dtype, array_key(uniques))
+        hit = self._lut_cache.get(key)
+        if hit is not None and vocab is not None and hit[0] is vocab:
+            return hit[2]
+        lut = np.append(self._ids_of(col, uniques), NULL).astype(dtype)  # code -1 (null) -> last entry
+        if len(self._lut_cache) >= 64:  # a few dictionaries per column; new partitions bring new ones
+            with contextlib.suppress(RuntimeError, StopIteration):  # another thread changed it meanwhile
+                self._lut_cache.pop(next(iter(self._lut_cache)), None)
+        self._lut_cache[key] = (self._lookup[self._vocab_key(col)], uniques, lut)
+        return lut
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_lut_cache": {}}  # process-local (keyed by buffer addresses)
 
     def _ids_of(self, col: str, uniques: pa.Array) -> np.ndarray:
         """Ids of distinct values: vocabulary position + first kept id, or the OOV id(s)."""
@@ -202,30 +228,73 @@ def value_counts(series: Any) -> dict[str, Any]:
         lens = np.diff(offsets)
         return {"table": table, "rows": len(flat), "nulls": flat.null_count,
                 "max_length": int(lens.max()) if lens.size else 0}
-    return _counts(*dispatch.factorize(series))
+    return resolve_counts({"c": partial_counts(series)})["c"]
 
 
-def _counts(codes: np.ndarray, uniques: pa.Array) -> dict[str, Any]:
+def partial_counts(series: Any) -> dict[str, Any]:
+    """One partition's counts in the form ``merge_counts`` adds up fastest.
+
+    Non-list columns give ``{"dense": (uniques, counts), ...}``: a count per entry of the column's
+    dictionary, zeros included. Partitions that share a dictionary (in-memory datasets, see
+    ``readers.share_dictionaries``) then merge by adding count arrays instead of hashing values;
+    ``resolve_counts`` turns the result into the public ``{"table": ...}`` form.
+    """
+    if lists.is_list_series(series):
+        return value_counts(series)
+    codes, uniques = dispatch.factorize(series)
     valid = codes >= 0
     counts = np.bincount(codes[valid], minlength=len(uniques)) if len(uniques) else np.zeros(0, np.int64)
+    return {"dense": (uniques, counts.astype(np.int64, copy=False)), "rows": int(codes.size),
+            "nulls": int(codes.size - valid.sum())}
+
+
+def _dense_table(dense: tuple[pa.Array, np.ndarray]) -> pa.Table:
+    uniques, counts = dense
     table = pa.table({"value": _plain(uniques), "count": pa.array(counts, pa.int64())})
-    if len(uniques) and (counts == 0).any():  # categorical dtypes may list unused categories
-        table = table.filter(pc.greater(table["count"], 0))
-    return {"table": table, "rows": int(codes.size), "nulls": int(codes.size - valid.sum())}
+    if len(uniques) and not counts.all():  # shared / categorical dictionaries list values not seen here
+        table = table.filter(pa.array(counts > 0))
+    return table
+
+
+def resolve_counts(computed: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Partials of ``partial_counts`` / ``merge_counts`` -> ``{"table": (value, count), "rows", "nulls"}``."""
+    out = {}
+    for col, vc in computed.items():
+        vc = dict(vc)
+        if "dense" in vc:
+            vc["table"] = _dense_table(vc.pop("dense"))
+        out[col] = vc
+    return out
+
+
+def array_key(arr: pa.Array) -> tuple:
+    """Identity of an arrow array's memory (equal keys of two live arrays = the same data)."""
+    return (str(arr.type), len(arr), arr.offset, tuple(b.address if b is not None else 0 for b in arr.buffers()))
 
 
 def merge_counts(partials: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Add up several partitions' value counts, column by column (one hash group-by each)."""
+    """Add up several partitions' value counts, column by column.
+
+    Partials over one shared dictionary add their count arrays; others are hashed together (one
+    group-by per column).
+    """
     out = {}
     for col in partials[0]:
-        tables = [p[col]["table"] for p in partials if p[col]["table"].num_rows]
+        dense = [p[col].get("dense") for p in partials]
+        if all(d is not None for d in dense) and len({array_key(d[0]) for d in dense}) == 1:
+            out[col] = {"dense": (dense[0][0], functools.reduce(np.add, [d[1] for d in dense])),
+                        "rows": sum(p[col]["rows"] for p in partials),
+                        "nulls": sum(p[col]["nulls"] for p in partials)}
+            continue
+        tables = [p[col]["table"] if "table" in p[col] else _dense_table(p[col]["dense"]) for p in partials]
+        tables = [t for t in tables if t.num_rows] or tables[:1]
         if len(tables) > 1:
             vtype = functools.reduce(_common_type, [t.schema.field("value").type for t in tables])
             schema = pa.schema([("value", vtype), ("count", pa.int64())])
             merged = pa.concat_tables([t.cast(schema) for t in tables]).group_by("value").aggregate([("count", "sum")])
             merged = merged.rename_columns(["value", "count"]).select(["value", "count"])
         else:
-            merged = tables[0] if tables else partials[0][col]["table"]
+            merged = tables[0]
         out[col] = {"table": merged, "rows": sum(p[col]["rows"] for p in partials),
                     "nulls": sum(p[col]["nulls"] for p in partials)}
         if any("max_length" in p[col] for p in partials):  # list columns

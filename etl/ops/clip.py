@@ -32,6 +32,12 @@ class Clip(ColumnOp):
     def params(self) -> dict[str, Any]:
         return {"min_value": self.min_value, "max_value": self.max_value}
 
+    @property
+    def elementwise(self) -> bool:
+        return True
+
+    def transform_array(self, column: str, x: Any) -> Any:
+        return dispatch.xp_of(x).clip(x, self.min_value, self.max_value, out=x)
+
     def transform_column(self, name: str, series: Any) -> Any:
-        x = dispatch.to_float(series)
-        return dispatch.series_like(series, dispatch.xp_of(x).clip(x, self.min_value, self.max_value), name=name)
+        return dispatch.series_like(series, self.transform_array(name, dispatch.float_work(series)), name=name)

@@ -60,14 +60,25 @@ class FillMissing(Operator):
         """Merge the new data's sketches into the fitted ones; the median is read from the merge."""
         self.fit_finalize(merge_sketch_stats(self.stats, computed))
 
+    @property
+    def elementwise(self) -> bool:
+        return not self.add_binary_cols  # the flag columns make it more than a column-to-column map
+
+    def _fill(self, column: str) -> float:
+        return self.stats[column]["median"] if self.fill_val == "median" else float(self.fill_val)
+
+    def transform_array(self, column: str, x: Any) -> Any:
+        x[x != x] = self._fill(column)  # NaN test that works for numpy and cupy
+        return x
+
     def transform(self, columns: list[str], df: Any) -> Any:
         self._require_fitted()
         out, flags = {}, {}
         for c in columns:
-            x = dispatch.to_float(df[c])
-            missing = x != x  # NaN test that works for numpy and cupy
-            fill = self.stats[c]["median"] if self.fill_val == "median" else float(self.fill_val)
-            out[c] = dispatch.series_like(df[c], dispatch.xp_of(x).where(missing, fill, x), name=c)
+            x = dispatch.float_work(df[c])
+            missing = x != x
+            x[missing] = self._fill(c)
+            out[c] = dispatch.series_like(df[c], x, name=c)
             if self.add_binary_cols:
                 flags[f"{c}_filled"] = dispatch.series_like(df[c], missing.astype(np.float32), name=f"{c}_filled")
         return dispatch.frame_from_columns(df, {**out, **flags})

@@ -17,12 +17,17 @@ class LogOp(ColumnOp):
 
     output_kind = "continuous"
 
-    def transform_column(self, name: str, series: Any) -> Any:
-        x = dispatch.to_float(series)
+    @property
+    def elementwise(self) -> bool:
+        return True
+
+    def transform_array(self, column: str, x: Any) -> Any:
         xp = dispatch.xp_of(x)
         with _errstate(xp):
-            y = xp.log1p(x)
-        return dispatch.series_like(series, y, name=name)
+            return xp.log1p(x, out=x)
+
+    def transform_column(self, name: str, series: Any) -> Any:
+        return dispatch.series_like(series, self.transform_array(name, dispatch.float_work(series)), name=name)
 
 
 def _errstate(xp: Any) -> Any:

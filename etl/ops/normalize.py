@@ -46,8 +46,16 @@ class Normalize(ColumnOp):
         """Exact merge with the new data's moments (``decay`` applies to category counts only)."""
         self.fit_finalize(merge_moment_stats(self.stats, computed))
 
-    def transform_column(self, name: str, series: Any) -> Any:
-        m = self.stats[name]
+    @property
+    def elementwise(self) -> bool:
+        return True
+
+    def transform_array(self, column: str, x: Any) -> Any:
+        m = self.stats[column]
         std = m["std"] if m["std"] > 0 else 1.0
-        x = dispatch.to_float(series)
-        return dispatch.series_like(series, ((x - m["mean"]) / std).astype(np.float32), name=name)
+        x -= m["mean"]
+        x /= std  # in place: the same float64 rounding as (x - mean) / std
+        return x.astype(np.float32)
+
+    def transform_column(self, name: str, series: Any) -> Any:
+        return dispatch.series_like(series, self.transform_array(name, dispatch.float_work(series)), name=name)
