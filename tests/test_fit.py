@@ -76,6 +76,17 @@ def test_fit_resume_continues_the_run(data, tmp_path, capsys):
     assert summary["steps"] == 12 and summary["resumed_from"].endswith("ckpt-00000008.pt")
 
 
+def test_fit_cache_trains_exactly_as_streaming(data, tmp_path):
+    # --cache changes where epoch 2's rows come from (memory, not parquet), never which rows or their order.
+    runs = {}
+    for flag in ([], ["--cache"]):
+        out = tmp_path / ("cached" if flag else "streamed")
+        assert main(["--data", str(data), "--out", str(out), "--epochs", "2", "--no-loader-bench", *FAST, *flag]) == 0
+        runs[bool(flag)] = json.loads((out / "summary.json").read_text())
+    assert runs[True]["steps"] == runs[False]["steps"] == 24
+    assert runs[True]["valid"] == runs[False]["valid"]
+
+
 def test_fit_regression(tmp_path, capsys):
     d = _write(tmp_path / "reg", label_kind="regression", oracle=False)
     assert main(["--data", str(d), "--out", str(tmp_path / "r"), "--task", "regression", "--epochs", "3",

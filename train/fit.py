@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--parts-per-chunk", type=int, default=2)
+    p.add_argument("--cache", action="store_true",
+                   help="keep the decoded training data in memory after epoch 1 (for several --epochs)")
     p.add_argument("--no-loader-bench", action="store_true", help="skip the loader-alone timing pass")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--sharded-embeddings", action="store_true",
@@ -248,7 +250,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     def make_train():
         return Loader(os.path.join(a.data, "train"), a.batch_size, shuffle=True, seed=a.seed,
-                      parts_per_chunk=a.parts_per_chunk, device=loader_device, lists=lists)
+                      parts_per_chunk=a.parts_per_chunk, device=loader_device, lists=lists, cache=a.cache)
 
     cfg = TrainConfig(
         task=a.task, optimizer=a.optimizer, lr=lr, embedding_lr=elr, embedding_optimizer=a.embedding_optimizer,
