@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -116,6 +117,18 @@ def use_etl_memory_pool() -> None:
         pa.set_memory_pool(pa.jemalloc_memory_pool())
     except (NotImplementedError, pa.ArrowNotImplementedError):  # a build without jemalloc
         pa.set_memory_pool(pa.system_memory_pool())
+
+
+def thread_map(fn: Any, items: list[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` on up to one thread per core, for arrow kernels that release the GIL
+    (e.g. unifying or sorting one column each) in serial parts of the ETL."""
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def compute(*lazy: Any) -> tuple[Any, ...]:
@@ -261,10 +274,35 @@ def float_work(series: Any) -> Any:
     x = to_float(series)
     if is_gpu_object(x):
         return x.copy()  # cudf's .values may view the column
-    if not x.flags.writeable or (not isinstance(series.dtype, pd.ArrowDtype)
-                                 and np.may_share_memory(x, series.to_numpy())):
+    if isinstance(series.dtype, pd.ArrowDtype):
+        return x if x.flags.writeable else x.copy()
+    # numpy-backed (or masked) float64 storage may come back as a view; any other dtype was converted
+    if getattr(series.dtype, "numpy_dtype", series.dtype) == np.float64 or not x.flags.writeable:
         x = x.copy()
     return x
+
+
+def float_work_filled(series: Any, fill: float | None) -> tuple[Any, bool]:
+    """:func:`float_work` with nulls set to ``fill`` on the way, when that is exact and cheap.
+
+    For an arrow integer column and an integral ``fill``, nulls are filled in the integers before
+    the one conversion to float64 (no NaN written, no NaN scan after: a third of the cost).
+
+    Returns:
+        ``(array, True)`` when every missing value is already ``fill``, else ``(float_work(series),
+        False)``.
+    """
+    if (fill is not None and not is_gpu_object(series) and isinstance(series.dtype, pd.ArrowDtype)
+            and pa.types.is_integer(series.dtype.pyarrow_dtype) and float(fill).is_integer()
+            and (fill != 0 or math.copysign(1.0, fill) > 0)):  # -0.0 would become +0.0
+        arr = to_arrow(series)
+        try:
+            if arr.null_count:
+                arr = arr.fill_null(pa.scalar(int(fill), arr.type))
+        except (pa.ArrowInvalid, OverflowError):  # fill outside the integer type
+            return float_work(series), False
+        return arr.to_numpy().astype(np.float64), True
+    return float_work(series), False
 
 
 def xp_of(array: Any) -> ModuleType:

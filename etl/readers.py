@@ -101,12 +101,15 @@ def share_dictionaries(frames: list[Any]) -> list[Any]:
             and all(c in f.columns and f[c].dtype == t for f in frames)]
     if not cols:
         return frames
-    chunks = {c: [dispatch.to_arrow(f[c]) for f in frames] for c in cols}
-    table = pa.Table.from_arrays([pa.chunked_array(chunks[c], type=dtypes[c].pyarrow_dtype) for c in cols],
-                                 names=cols).unify_dictionaries()
+
+    def unify(c: str) -> pa.ChunkedArray:
+        chunks = pa.chunked_array([dispatch.to_arrow(f[c]) for f in frames], type=dtypes[c].pyarrow_dtype)
+        return pa.Table.from_arrays([chunks], names=[c]).unify_dictionaries().column(0)
+
+    unified = dict(zip(cols, dispatch.thread_map(unify, cols), strict=True))  # the kernel releases the GIL
     out = []
     for i, f in enumerate(frames):
-        new = {c: pd.Series(pd.arrays.ArrowExtensionArray(table[c].chunk(i)), index=f.index, name=c, copy=False)
+        new = {c: pd.Series(pd.arrays.ArrowExtensionArray(unified[c].chunk(i)), index=f.index, name=c, copy=False)
                for c in cols}
         out.append(pd.DataFrame({c: new.get(c, f[c]) for c in f.columns}, index=f.index, copy=False))
     return out

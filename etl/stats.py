@@ -15,8 +15,7 @@ import dask
 import numpy as np
 
 
-def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[list[Any]], Any], split_every: int = 8,
-                finish: Callable[[Any], Any] | None = None):
+def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[list[Any]], Any], split_every: int = 8):
     """A lazy tree reduction over the partitions of a Dask DataFrame.
 
     Args:
@@ -24,7 +23,6 @@ def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[list[Any
         chunk: partition -> partial result.
         merge: [partial, ...] -> partial (up to ``split_every`` at a time); associative.
         split_every: fan-in of each merge level.
-        finish: applied once to the final partial (e.g. to put it in its public form).
 
     Returns:
         A ``dask.delayed`` object; compute it (with the level's other stats) for the final partial.
@@ -33,7 +31,7 @@ def tree_reduce(ddf: Any, chunk: Callable[[Any], Any], merge: Callable[[list[Any
     parts = [dask.delayed(chunk)(p) for p in ddf.to_delayed(optimize_graph=False)]
     while len(parts) > 1:
         parts = [dask.delayed(merge)(parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
-    return dask.delayed(finish)(parts[0]) if finish is not None else parts[0]
+    return parts[0]
 
 
 def merge_columns(pairwise: Callable[[Any, Any], Any]) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:

@@ -19,6 +19,7 @@ import uuid
 import warnings
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrflow.etl import dispatch, lists
@@ -87,10 +88,11 @@ class _Evaluator:
         inp = parents[0] if len(parents) == 1 else _concat(parents)
         out = {}
         for c in node.input_columns:
-            x = dispatch.float_work(inp[c])
-            for n in chain:
+            series = inp[c]
+            x, filled = dispatch.float_work_filled(series, chain[0].op.null_fill(c))  # FillMissing done here
+            for n in chain[1:] if filled else chain:
                 x = n.op.transform_array(c, x if x.dtype == "float64" else x.astype("float64"))
-            out[c] = dispatch.series_like(inp[c], x, name=c)
+            out[c] = dispatch.series_like(series, x, name=c)
         return dispatch.frame_from_columns(inp, out)
 
 
@@ -249,6 +251,7 @@ class Workflow:
         """Write ``workflow.json`` plus one parquet file per vocabulary (atomically; never pickle)."""
         nodes = list(self.output_node.walk())
         tables_index: dict[str, dict[str, int]] = {}
+        writes: list[tuple[pa.Table, str]] = []
         with atomic_dir(path, overwrite=overwrite) as tmp:
 
             def dump(op: Operator) -> dict[str, Any]:
@@ -257,8 +260,7 @@ class Workflow:
                 for name, table in tables.items():
                     rel = f"ops/{i}/{name}.parquet"
                     os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-                    # values are distinct: dictionary encoding would hash them all for nothing
-                    pq.write_table(table, os.path.join(tmp, rel), use_dictionary=False)
+                    writes.append((table, os.path.join(tmp, rel)))
                     tables_index.setdefault(str(i), {})[name] = table.num_rows
                 return {**op_to_dict(op), "state": state}
 
@@ -273,6 +275,9 @@ class Workflow:
                 "list_columns": self.list_columns,
                 "seen": self.seen,
             }
+            # one vocabulary per thread (the writer releases the GIL); values are distinct, so
+            # dictionary encoding would only hash them all for nothing
+            dispatch.thread_map(lambda w: pq.write_table(w[0], w[1], use_dictionary=False), writes)
             with open(os.path.join(tmp, "workflow.json"), "w") as f:
                 json.dump(doc, f, indent=1)
 

@@ -85,6 +85,13 @@ class Operator:
         """
         raise NotImplementedError
 
+    def null_fill(self, column: str) -> float | None:
+        """For an elementwise op that only replaces nulls / NaN: the value it puts there (else None).
+
+        The workflow then fills an integer column's nulls while converting it to float and skips
+        the op's NaN scan (integers hold no NaN)."""
+        return None
+
     @property
     def is_stat(self) -> bool:
         """True when the op must be fitted before it can transform."""

@@ -15,10 +15,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import threading
 from typing import Any
 
+import dask
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +32,9 @@ from ctrflow.etl.stats import tree_reduce
 from ctrflow.etl.update import lookup_values, tail_counts, update_categorify
 
 PAD, NULL, OOV = 0, 1, 2
+_LUT_LOCK = threading.Lock()  # guards Categorify._lut_cache and _LUT_PENDING
+_LUT_PENDING: dict[tuple, threading.Event] = {}  # (op id, dictionary key) -> set when its LUT is built
+LUT_CACHE_MIN = 4096  # dictionaries at least this long get their id lookup table cached (Categorify._lut)
 
 
 class Categorify(Operator):
@@ -86,8 +90,8 @@ class Categorify(Operator):
 
     # ---- fit ------------------------------------------------------------------------------
     def fit(self, columns: list[str], ddf: Any) -> Any:
-        return tree_reduce(ddf[columns], lambda df: {c: partial_counts(df[c]) for c in columns}, merge_counts,
-                           finish=resolve_counts)
+        merged = tree_reduce(ddf[columns], lambda df: {c: partial_counts(df[c]) for c in columns}, merge_counts)
+        return dask.delayed(resolve_counts)(merged)  # by-index partials -> the public {"table": ...} form
 
     def fit_finalize(self, computed: dict[str, dict[str, Any]]) -> None:
         self.stats, self.vocabs, self.tails = {}, {}, {}
@@ -96,14 +100,20 @@ class Categorify(Operator):
             joint = self.vocabulary or "_".join(computed)
             per_column = computed
             computed = merge_counts([{joint: vc} for vc in per_column.values()])
-        for col, vc in computed.items():
-            counts = vc["table"]
+
+        def vocabulary(counts: pa.Table) -> tuple[pa.Table, pa.Table]:
             keep = counts.filter(pc.greater_equal(counts["count"], max(self.freq_threshold, 1)))
             keep = keep.sort_by([("count", "descending"), ("value", "ascending")])
             if self.max_size:
                 keep = keep.slice(0, self.max_size - self.first_kept_id)
-            self.vocabs[col] = keep.combine_chunks()
-            self.tails[col] = tail_counts(counts, keep, max(self.freq_threshold, 1))
+            return keep.combine_chunks(), tail_counts(counts, keep, max(self.freq_threshold, 1))
+
+        # one sort per column, on a thread each (arrow's sort releases the GIL): the serial end of fit
+        built = dispatch.thread_map(vocabulary, [vc["table"] for vc in computed.values()])
+        for (col, vc), (keep, tail) in zip(computed.items(), built, strict=True):
+            counts = vc["table"]
+            self.vocabs[col] = keep
+            self.tails[col] = tail
             kept_rows = pc.sum(keep["count"]).as_py() or 0
             self.stats[col] = {
                 "kept": keep.num_rows,
@@ -119,6 +129,10 @@ class Categorify(Operator):
                 self.stats[col] = {**shared, "vocabulary": joint, "rows": int(vc["rows"]), "nulls": int(vc["nulls"]),
                                    **({"max_length": int(vc["max_length"])} if "max_length" in vc else {})}
         self._lookup = {}
+        if joint is None:  # ids of a dictionary the fit partitions shared, built now, a column per thread
+            shared_dicts = [(c, vc["dictionary"]) for c, vc in computed.items()
+                            if "dictionary" in vc and len(vc["dictionary"]) >= LUT_CACHE_MIN]
+            dispatch.thread_map(lambda cd: self._lut(cd[0], cd[1], id_dtype(self.cardinality(cd[0]))), shared_dicts)
 
     def update_finalize(self, computed: dict[str, dict[str, Any]], decay: float | None = None) -> None:
         update_categorify(self, computed, decay)  # etl/update.py: ids kept, newly kept values appended
@@ -170,17 +184,43 @@ class Categorify(Operator):
         partition. An entry keeps its dictionary alive (its buffer addresses are the key, so they
         cannot be reused by another array) and is dropped when the vocabulary changes.
         """
-        vocab = self._lookup.get(self._vocab_key(col))
+        if len(uniques) < LUT_CACHE_MIN:  # cheap to rebuild; keeps meta / small dictionaries out of the cache
+            return np.append(self._ids_of(col, uniques), NULL).astype(dtype)  # code -1 (null) -> last entry
         key = (col, dtype, array_key(uniques))
-        hit = self._lut_cache.get(key)
-        if hit is not None and vocab is not None and hit[0] is vocab:
-            return hit[2]
-        lut = np.append(self._ids_of(col, uniques), NULL).astype(dtype)  # code -1 (null) -> last entry
-        if len(self._lut_cache) >= 64:  # a few dictionaries per column; new partitions bring new ones
-            with contextlib.suppress(RuntimeError, StopIteration):  # another thread changed it meanwhile
-                self._lut_cache.pop(next(iter(self._lut_cache)), None)
-        self._lut_cache[key] = (self._lookup[self._vocab_key(col)], uniques, lut)
+        hit = self._cached_lut(col, key)
+        if hit is not None:
+            return hit
+        # Partitions sharing a dictionary start together: one thread builds its LUT, the others wait
+        # for it (only for that key: different dictionaries still build in parallel).
+        with _LUT_LOCK:
+            hit = self._cached_lut(col, key)
+            if hit is not None:
+                return hit
+            pending = _LUT_PENDING.get((id(self), key))
+            if pending is None:
+                mine = _LUT_PENDING[(id(self), key)] = threading.Event()
+        if pending is not None:
+            pending.wait()
+            hit = self._cached_lut(col, key)
+            return hit if hit is not None else np.append(self._ids_of(col, uniques), NULL).astype(dtype)
+        try:
+            lut = np.append(self._ids_of(col, uniques), NULL).astype(dtype)
+            with _LUT_LOCK:
+                same_col = [k for k in self._lut_cache if k[0] == col]
+                if len(same_col) >= 2:  # e.g. the train and valid dictionaries; streamed partitions bring one each
+                    self._lut_cache.pop(same_col[0], None)
+                self._lut_cache[key] = (self._lookup[self._vocab_key(col)], uniques, lut)
+        finally:
+            with _LUT_LOCK:
+                _LUT_PENDING.pop((id(self), key), None)
+            mine.set()
         return lut
+
+    def _cached_lut(self, col: str, key: tuple) -> np.ndarray | None:
+        hit = self._lut_cache.get(key)
+        if hit is not None and hit[0] is self._lookup.get(self._vocab_key(col)):  # vocabulary unchanged
+            return hit[2]
+        return None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_lut_cache": {}}  # process-local (keyed by buffer addresses)
@@ -191,6 +231,8 @@ class Categorify(Operator):
         vocab = self._lookup.get(col)
         if vocab is None:
             vocab = self._lookup[col] = lookup_values(self.vocabs[col])  # retired values (decay) -> OOV
+        if len(uniques) == 0:  # e.g. Dask's meta: index_in would still hash the whole vocabulary
+            return np.zeros(0, np.int64)
         uniques = _align_type(uniques, vocab.type)
         pos = pc.index_in(uniques, value_set=vocab)
         found = pos.is_valid().to_numpy(zero_copy_only=False)
@@ -234,35 +276,37 @@ def value_counts(series: Any) -> dict[str, Any]:
 def partial_counts(series: Any) -> dict[str, Any]:
     """One partition's counts in the form ``merge_counts`` adds up fastest.
 
-    Non-list columns give ``{"dense": (uniques, counts), ...}``: a count per entry of the column's
-    dictionary, zeros included. Partitions that share a dictionary (in-memory datasets, see
-    ``readers.share_dictionaries``) then merge by adding count arrays instead of hashing values;
-    ``resolve_counts`` turns the result into the public ``{"table": ...}`` form.
+    Non-list columns give ``{"by_index": (uniques, positions, counts), ...}``: the counts of the
+    dictionary entries seen in the partition (positions ascending). Partitions that share a
+    dictionary (in-memory datasets, see ``readers.share_dictionaries``) then merge by adding counts
+    per position instead of hashing values, and no partial is larger than its partition's distinct
+    values; ``resolve_counts`` turns the result into the public ``{"table": ...}`` form.
     """
     if lists.is_list_series(series):
         return value_counts(series)
     codes, uniques = dispatch.factorize(series)
-    valid = codes >= 0
-    counts = np.bincount(codes[valid], minlength=len(uniques)) if len(uniques) else np.zeros(0, np.int64)
-    return {"dense": (uniques, counts.astype(np.int64, copy=False)), "rows": int(codes.size),
-            "nulls": int(codes.size - valid.sum())}
+    # slot 0 counts code -1 (null): no mask, no filtered copy; intp as bincount wants (no int8 overflow)
+    both = np.bincount(np.add(codes, 1, dtype=np.intp), minlength=len(uniques) + 1)
+    pos = np.flatnonzero(both[1:])
+    return {"by_index": (uniques, pos, both[1:][pos].astype(np.int64)), "rows": int(codes.size),
+            "nulls": int(both[0])}
 
 
-def _dense_table(dense: tuple[pa.Array, np.ndarray]) -> pa.Table:
-    uniques, counts = dense
-    table = pa.table({"value": _plain(uniques), "count": pa.array(counts, pa.int64())})
-    if len(uniques) and not counts.all():  # shared / categorical dictionaries list values not seen here
-        table = table.filter(pa.array(counts > 0))
-    return table
+def _indexed_table(by_index: tuple[pa.Array, np.ndarray, np.ndarray]) -> pa.Table:
+    uniques, pos, counts = by_index
+    values = uniques if len(pos) == len(uniques) else uniques.take(pa.array(pos))
+    return pa.table({"value": _plain(values), "count": pa.array(counts, pa.int64())})
 
 
 def resolve_counts(computed: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Partials of ``partial_counts`` / ``merge_counts`` -> ``{"table": (value, count), "rows", "nulls"}``."""
+    """Partials of ``partial_counts`` / ``merge_counts`` -> ``{"table": (value, count), "rows", "nulls"}``
+    (plus ``"dictionary"``: the dictionary every counted partition shared, for ``fit_finalize``)."""
     out = {}
     for col, vc in computed.items():
         vc = dict(vc)
-        if "dense" in vc:
-            vc["table"] = _dense_table(vc.pop("dense"))
+        if "by_index" in vc:
+            vc["dictionary"] = vc["by_index"][0]
+            vc["table"] = _indexed_table(vc.pop("by_index"))
         out[col] = vc
     return out
 
@@ -280,13 +324,17 @@ def merge_counts(partials: list[dict[str, dict[str, Any]]]) -> dict[str, dict[st
     """
     out = {}
     for col in partials[0]:
-        dense = [p[col].get("dense") for p in partials]
-        if all(d is not None for d in dense) and len({array_key(d[0]) for d in dense}) == 1:
-            out[col] = {"dense": (dense[0][0], functools.reduce(np.add, [d[1] for d in dense])),
+        indexed = [p[col].get("by_index") for p in partials]
+        if all(d is not None for d in indexed) and len({array_key(d[0]) for d in indexed}) == 1:
+            uniques = indexed[0][0]  # one shared dictionary: add the counts position by position
+            total = np.bincount(np.concatenate([d[1] for d in indexed]),
+                                weights=np.concatenate([d[2] for d in indexed]), minlength=len(uniques))
+            pos = np.flatnonzero(total)  # float64 sums of counts: exact below 2**53 rows
+            out[col] = {"by_index": (uniques, pos, total[pos].astype(np.int64)),
                         "rows": sum(p[col]["rows"] for p in partials),
                         "nulls": sum(p[col]["nulls"] for p in partials)}
             continue
-        tables = [p[col]["table"] if "table" in p[col] else _dense_table(p[col]["dense"]) for p in partials]
+        tables = [p[col]["table"] if "table" in p[col] else _indexed_table(p[col]["by_index"]) for p in partials]
         tables = [t for t in tables if t.num_rows] or tables[:1]
         if len(tables) > 1:
             vtype = functools.reduce(_common_type, [t.schema.field("value").type for t in tables])

@@ -67,6 +67,9 @@ class FillMissing(Operator):
     def _fill(self, column: str) -> float:
         return self.stats[column]["median"] if self.fill_val == "median" else float(self.fill_val)
 
+    def null_fill(self, column: str) -> float | None:
+        return self._fill(column)
+
     def transform_array(self, column: str, x: Any) -> Any:
         x[x != x] = self._fill(column)  # NaN test that works for numpy and cupy
         return x
