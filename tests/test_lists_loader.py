@@ -261,3 +261,9 @@ def test_lists_with_cache_rebuild_exactly_once(data):
         seen = check_epoch(loader)
         assert sorted(seen) == list(range(N))
     assert loader.cache_bytes > 0
+
+
+def test_lists_with_piece_cache(data):
+    loader = Loader(data, 100, shuffle=True, seed=4, cache=True)
+    for _ in range(2):  # the second epoch reads the cached (sliced) Arrow pieces
+        assert sorted(check_epoch(loader)) == list(range(N))
