@@ -244,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     load0 = os.getloadavg()[0]
 
-    def loader(shuffle: bool, read_ahead: bool = True, cache: bool = False):
+    def loader(shuffle: bool, read_ahead: bool = True, cache: bool = False, threads: int = 1):
         lo = Loader(directory, args.batch_size, shuffle=shuffle, parts_per_chunk=args.parts_per_chunk,
-                    device=args.device, labels=schema.label[:1], read_ahead=read_ahead, cache=cache)
+                    device=args.device, labels=schema.label[:1], read_ahead=read_ahead, cache=cache,
+                    threads=threads)
         return lambda: ctrflow_epoch(lo, args.device)
 
     systems = {
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         "ctrflow (shuffle, read_ahead=False)": loader(True, False),
         # The warm-up epoch below fills the cache: the timed epochs are the 2nd and later.
         "ctrflow (shuffle, cache=True, epochs 2+)": loader(True, cache=True),
+        "ctrflow (shuffle, threads=2)": loader(True, threads=2),
+        "ctrflow (shuffle, cache=True, threads=2, epochs 2+)": loader(True, cache=True, threads=2),
     }
     results: dict[str, dict[str, Any]] = {}
     for run in systems.values():  # warm-up: allocators, buffer pools, page cache
@@ -318,6 +321,7 @@ def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     plain = _rate(results, "ctrflow (no shuffle)")
     shuf = _rate(results, "ctrflow (shuffle)")
     cached = _rate(results, "ctrflow (shuffle, cache=True, epochs 2+)")
+    cached2 = _rate(results, "ctrflow (shuffle, cache=True, threads=2, epochs 2+)")
     merl = _rate(results, "merlin-dataloader 23.08 CPU (shuffle)")
     dl = _rate(results, "torch DataLoader, DataFrameDataset, 2 workers (shuffle)")
     checks = [
@@ -326,6 +330,7 @@ def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ("shuffle >= 10x merlin-dataloader (shuffle)", shuf, merl, 10.0),
         ("shuffle >= 50x torch DataLoader", shuf, dl, 50.0),
         ("shuffle, cache=True (epochs 2+) >= 10x merlin-dataloader (shuffle)", cached, merl, 10.0),
+        ("shuffle, cache=True, threads=2 (epochs 2+) >= 10x merlin-dataloader (shuffle)", cached2, merl, 10.0),
     ]
     out = []
     for name, a, b, want in checks:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,13 +151,16 @@ class CpuBuilder:
         batch_size: B.
         shuffle: permute rows inside each chunk (leftover rows included).
         pin: put chunks in page-locked memory (for a later ``.to("cuda", non_blocking=True)``).
+        threads: threads gathering the shuffled columns (1: the producer thread alone, which leaves
+            the other cores to the model; more when the host has cores to spare, e.g. feeding a GPU).
     """
 
-    def __init__(self, cols: Columns, batch_size: int, shuffle: bool, pin: bool = False) -> None:
+    def __init__(self, cols: Columns, batch_size: int, shuffle: bool, pin: bool = False, threads: int = 1) -> None:
         self.cols, self.bsz, self.shuffle = cols, batch_size, shuffle
         self.n_cat, self.n_flt = len(cols.cats), len(cols.floats)
+        self.threads = max(1, int(threads))
         self.out_pool = BufferPool(capacity=6, pin=pin)  # cat + flt of up to 3 chunks
-        self.stage_pool = BufferPool(capacity=2)
+        self.stage_pool = BufferPool(capacity=2 * self.threads)  # two scratch columns per thread
         self.left: tuple[np.ndarray, np.ndarray] | None = None  # ([n_cat, L], [n_flt, L]) copies
         self.list_stage = ListStage(cols.lists, cols.list_weights) if cols.lists else None
 
@@ -208,12 +212,40 @@ class CpuBuilder:
     def _shuffled(
         self, tables: list[pa.Table], cat: np.ndarray, flt: np.ndarray, left: int, total: int, perm: np.ndarray
     ) -> None:
+        columns = _columns(self.cols)
+        groups = [columns[i :: self.threads] for i in range(min(self.threads, len(columns)))]
+        # Each group gets its own scratch columns (taken here, in this thread, so they are distinct).
+        scratch = [
+            {
+                np.dtype(np.float32): self.stage_pool.get((total,), torch.float32).numpy(),
+                cat.dtype: self.stage_pool.get((total,), self.cols.cat_dtype).numpy(),
+            }
+            for _ in groups
+        ]
+        if len(groups) == 1:
+            self._gather(groups[0], scratch[0], tables, cat, flt, left, perm)
+            return
+        # numpy's copy and take release the GIL: the groups run in parallel.
+        with ThreadPoolExecutor(len(groups) - 1, thread_name_prefix="ctrflow-loader-gather") as pool:
+            futures = [pool.submit(self._gather, g, sc, tables, cat, flt, left, perm)
+                       for g, sc in zip(groups[1:], scratch[1:], strict=True)]
+            self._gather(groups[0], scratch[0], tables, cat, flt, left, perm)
+            for f in futures:
+                f.result()
+
+    def _gather(
+        self,
+        columns: list[tuple[int, str, str, bool]],
+        scratch: dict[np.dtype, np.ndarray],
+        tables: list[pa.Table],
+        cat: np.ndarray,
+        flt: np.ndarray,
+        left: int,
+        perm: np.ndarray,
+    ) -> None:
+        """Copy each of ``columns`` into a scratch column, then gather it in ``perm`` order into the chunk."""
         bsz, blocks = self.bsz, cat.shape[0]
-        scratch = {
-            np.dtype(np.float32): self.stage_pool.get((total,), torch.float32).numpy(),
-            cat.dtype: self.stage_pool.get((total,), self.cols.cat_dtype).numpy(),
-        }
-        for j, name, kind, is_cat in _columns(self.cols):
+        for j, name, kind, is_cat in columns:
             # Gather one column at a time from a scratch column that stays in cache (a few MB),
             # rather than staging the whole chunk in memory and reading it back.
             dst = cat if is_cat else flt

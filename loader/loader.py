@@ -99,6 +99,8 @@ class Loader(torch.utils.data.IterableDataset):
         cache: keep the decoded pieces in host memory after the first epoch, so later epochs skip the
             parquet decode (``ctrflow.loader.cache``; costs the decoded size of this rank's rows, see
             ``cache_bytes``). Decodes on the host, also with ``use_cudf``.
+        threads: CPU device: threads that gather the shuffled columns (1: the producer thread alone,
+            leaving the other cores to a model training on the CPU; 2+ when cores are spare).
 
     ``len(loader)`` is the exact number of batches per epoch (the same on every rank).
     """
@@ -126,6 +128,7 @@ class Loader(torch.utils.data.IterableDataset):
         list_format: str = "jagged",
         pad_lengths: int | dict[str, int] | None = None,
         cache: bool = False,
+        threads: int = 1,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -152,6 +155,9 @@ class Loader(torch.utils.data.IterableDataset):
         self.pin_memory = bool(pin_memory) and self.device.type == "cpu" and torch.cuda.is_available()
         self.read_ahead = bool(read_ahead)
         self._cache = PieceCache(self.source) if cache else None
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = int(threads)
         self.epoch = 0
         self.rows = rank_rows(self.source.rows, self.world, self.batch_size, self.drop_last)[self.rank]
         self._len = batches_for(self.rows, self.batch_size)
@@ -180,7 +186,7 @@ class Loader(torch.utils.data.IterableDataset):
             from ctrflow.loader.cuda import CudaBuilder
 
             return CudaBuilder(self.source, self.batch_size, self.shuffle, self.device)
-        return CpuBuilder(self.columns, self.batch_size, self.shuffle, pin=self.pin_memory)
+        return CpuBuilder(self.columns, self.batch_size, self.shuffle, pin=self.pin_memory, threads=self.threads)
 
     def __iter__(self) -> EpochIterator:
         info = torch.utils.data.get_worker_info()

@@ -323,3 +323,14 @@ def test_cache_gives_the_same_epochs_as_streaming(parts, world, monkeypatch):
         assert len(set(decoded)) == len(decoded), "each piece decoded once"
         decoded.clear()
         assert cached.cache_bytes > 0 and streamed.cache_bytes == 0
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_gather_threads_give_the_same_batches(parts, cache):
+    one = make(parts, batch_size=100, seed=9, cache=cache)
+    three = make(parts, batch_size=100, seed=9, cache=cache, threads=3)
+    for _ in range(2):
+        a, b = epoch_ids(one), epoch_ids(three)  # epoch_ids also checks every column of every row
+        assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    with pytest.raises(ValueError, match="threads"):
+        make(parts, threads=0)
