@@ -58,7 +58,8 @@ NVT_SCRIPT = os.path.join(ROOT, "bench", "baselines", "nvtabular_venv.sh")
 
 
 # ---- machine and data -------------------------------------------------------------------------
-def generate(directory: str, rows: int, files: int = 8, row_group: int = 262144, seed: int = 0) -> None:
+def generate(directory: str, rows: int, files: int = 8, row_group: int = 262144, seed: int = 0,
+             compression: str = "snappy") -> None:
     """Criteo-shaped processed parquet + schema.json (written to a temp dir, then renamed)."""
     rng = np.random.default_rng(seed)
     cards = [int(10 ** rng.uniform(1, 7)) for _ in range(26)]
@@ -73,7 +74,9 @@ def generate(directory: str, rows: int, files: int = 8, row_group: int = 262144,
             cols[f"I{i + 1}"] = ((x - 1.0) / 1.5).astype(np.float32)
         for i in range(26):  # frequency-ranked ids (3 = most frequent), power law, capped
             cols[f"C{i + 1}"] = (np.minimum(rng.zipf(1.1, n), cards[i]) + 2).astype(np.int32)
-        pq.write_table(pa.table(cols), os.path.join(tmp, f"part-{f:05d}.parquet"), row_group_size=row_group)
+        # "none": plain pages, as `etl/run.py` writes by default; "snappy": dictionary + snappy.
+        pq.write_table(pa.table(cols), os.path.join(tmp, f"part-{f:05d}.parquet"), row_group_size=row_group,
+                       compression=compression, use_dictionary=compression != "none")
     cols_schema = [ColumnSchema("label", "label", "float32")]
     cols_schema += [ColumnSchema(f"I{i + 1}", "continuous", "float32") for i in range(13)]
     cols_schema += [
@@ -90,11 +93,12 @@ def bench_data(args: argparse.Namespace) -> tuple[str, Schema]:
     if args.data:
         directory = args.data
     else:
-        directory = os.path.join(OUT, f"loader-data-{args.rows}")
+        suffix = "" if args.compression == "snappy" else f"-{args.compression}"
+        directory = os.path.join(OUT, f"loader-data-{args.rows}{suffix}")
         if not os.path.exists(os.path.join(directory, "schema.json")):
             os.makedirs(OUT, exist_ok=True)
             t = time.perf_counter()
-            generate(directory, args.rows)
+            generate(directory, args.rows, compression=args.compression)
             print(f"generated {args.rows} rows in {directory} ({time.perf_counter() - t:.0f}s)", file=sys.stderr)
     try:
         schema = Schema.load(directory if os.path.exists(os.path.join(directory, "schema.json"))
@@ -224,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="processed directory (with or next to schema.json); default: generated")
     p.add_argument("--rows", type=int, default=4 * 1048576, help="rows to generate when --data is not given")
+    p.add_argument("--compression", choices=["snappy", "none"], default="snappy",
+                   help="generated files: dictionary + snappy, or plain pages as etl/run.py writes by default")
     p.add_argument("--batch-size", type=int, default=65536)
     p.add_argument("--parts-per-chunk", type=int, default=2)
     p.add_argument("--device", default="cpu", help="ctrflow's device: cpu or cuda")
