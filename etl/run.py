@@ -258,11 +258,38 @@ def random_split(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
             Dataset(ddf.map_partitions(take, True, meta=ddf._meta)))
 
 
+def write_splits(workflow: Any, schema: Any, train: Any, valid: Any, out: str, compression: str,
+                 empty: str) -> tuple[list[dict], list[dict], dict[str, int], float]:
+    """Transform both splits and write ``out/train`` and ``out/valid`` in one Dask compute.
+
+    Args:
+        workflow: the fitted (or updated) workflow; schema: its ``output_schema()``.
+        train, valid: the raw splits (Datasets); out: the temporary output directory.
+        compression: parquet codec (``none``: plain pages); empty: the error when train has no rows.
+
+    Returns:
+        (train file records, valid file records, ``{"train": rows, "valid": rows}``, seconds).
+    """
+    from ctrflow.etl.writer import write_parquet
+
+    t = time.perf_counter()
+    train_files, valid_files = write_parquet(
+        [(workflow.transform(train).to_ddf(), os.path.join(out, "train")),
+         (workflow.transform(valid).to_ddf(), os.path.join(out, "valid"))],
+        {c.name: c.dtype for c in schema.columns},
+        count_ids=[c.name for c in schema.columns if c.kind == "categorical"], compression=compression,
+    )
+    rows = {"train": sum(f["rows"] for f in train_files), "valid": sum(f["rows"] for f in valid_files)}
+    if rows["train"] == 0:
+        raise UsageError(empty)
+    return train_files, valid_files, rows, time.perf_counter() - t
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole ETL; returns the summary it prints."""
     from ctrflow.etl import dispatch, list_args
     from ctrflow.etl.versions import library_versions
-    from ctrflow.etl.writer import atomic_dir, write_parquet
+    from ctrflow.etl.writer import atomic_dir
 
     backend = dispatch.get_backend(args.engine)
     if args.update:  # incremental day: update the saved workflow's stats instead of fitting
@@ -299,19 +326,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workflow.seen = seen
         fit_s = time.perf_counter() - t_fit
         schema = workflow.output_schema()
-        dtypes = {c.name: c.dtype for c in schema.columns}
-        cat_out = [c.name for c in schema.columns if c.kind == "categorical"]
         with atomic_dir(output, overwrite=args.overwrite) as tmp:
-            t_write = time.perf_counter()
-            train_files, valid_files = write_parquet(
-                [(workflow.transform(train).to_ddf(), os.path.join(tmp, "train")),
-                 (workflow.transform(valid).to_ddf(), os.path.join(tmp, "valid"))],
-                dtypes, count_ids=cat_out, compression=args.compression,
-            )
-            write_s = time.perf_counter() - t_write
-            rows = {"train": sum(f["rows"] for f in train_files), "valid": sum(f["rows"] for f in valid_files)}
-            if rows["train"] == 0:
-                raise UsageError("the training input has no rows: check --input")
+            train_files, valid_files, rows, write_s = write_splits(
+                workflow, schema, train, valid, tmp, args.compression, "the training input has no rows: check --input")
             workflow.meta = {"inputs": args.input or "synthetic", "format": args.format, "task": args.task}
             workflow.save(os.path.join(tmp, "workflow"))
             list_stats = list_args.finish_schema(schema, tmp)  # max_length = longest list written

@@ -279,11 +279,12 @@ def run_update(args: Any, backend: Any) -> dict[str, Any]:
         _summary,
         dask_context,
         random_split,
+        write_splits,
     )
     from ctrflow.etl.schema import Schema, SchemaError
     from ctrflow.etl.versions import library_versions
     from ctrflow.etl.workflow import Workflow
-    from ctrflow.etl.writer import atomic_dir, write_parquet
+    from ctrflow.etl.writer import atomic_dir
 
     src = args.update
     if os.path.isdir(os.path.join(src, "workflow")) and not os.path.exists(os.path.join(src, "workflow.json")):
@@ -316,19 +317,10 @@ def run_update(args: Any, backend: Any) -> dict[str, Any]:
         workflow.update(train, decay=args.decay, force=args.force, source=record)
         fit_s = time.perf_counter() - t0
         schema = workflow.output_schema()
-        dtypes = {c.name: c.dtype for c in schema.columns}
-        cat_out = [c.name for c in schema.columns if c.kind == "categorical"]
         with atomic_dir(output, overwrite=args.overwrite) as tmp:
-            t_write = time.perf_counter()
-            train_files, valid_files = write_parquet(
-                [(workflow.transform(train).to_ddf(), os.path.join(tmp, "train")),
-                 (workflow.transform(valid).to_ddf(), os.path.join(tmp, "valid"))],
-                dtypes, count_ids=cat_out, compression=args.compression,
-            )
-            write_s = time.perf_counter() - t_write
-            rows = {"train": sum(f["rows"] for f in train_files), "valid": sum(f["rows"] for f in valid_files)}
-            if rows["train"] == 0:
-                raise UsageError("the new day has no training rows: check --input")
+            train_files, valid_files, rows, write_s = write_splits(
+                workflow, schema, train, valid, tmp, args.compression,
+                "the new day has no training rows: check --input")
             workflow.save(os.path.join(tmp, "workflow"))
             list_args.finish_schema(schema, tmp)  # max_length = longest list written
             seconds = time.perf_counter() - t0
