@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from loader_fixtures import no_leaked_threads, small_pieces  # noqa: F401  (autouse fixtures)
 
-import ctrflow.loader.source as source_mod
 from ctrflow.etl.schema import ColumnSchema, Schema
 from ctrflow.loader import Loader
 from ctrflow.loader.jagged import from_padded, to_kjt_layout, to_padded
@@ -62,20 +60,6 @@ def write_data(directory, file_rows=FILE_ROWS, row_group_size=300):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("lists") / "train")
-
-
-@pytest.fixture(autouse=True)
-def small_pieces(monkeypatch):
-    monkeypatch.setattr(source_mod, "MIN_PIECE_ROWS", 600)
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    yield
-    leaked = [t for t in threading.enumerate() if t.name.startswith("ctrflow-loader")]
-    for t in leaked:
-        t.join(10)
-    assert not [t for t in leaked if t.is_alive()]
 
 
 def check_epoch(loader) -> list[int]:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from loader_fixtures import no_leaked_threads, small_pieces  # noqa: F401  (autouse fixtures)
 
-import ctrflow.loader.source as source_mod
 from ctrflow.etl.schema import ColumnSchema, Schema
 from ctrflow.loader import Batch, Loader
 from ctrflow.loader.plan import batches_for, rank_rows
@@ -48,21 +46,6 @@ def write_parts(directory, file_rows, row_group_size=300, start=0):
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     return write_parts(tmp_path_factory.mktemp("loader") / "train", FILE_ROWS)
-
-
-@pytest.fixture(autouse=True)
-def small_pieces(monkeypatch):
-    """Pieces of ~600 rows so that the small test files still give many chunks."""
-    monkeypatch.setattr(source_mod, "MIN_PIECE_ROWS", 600)
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    yield
-    leaked = [t for t in threading.enumerate() if t.name.startswith("ctrflow-loader")]
-    for t in leaked:
-        t.join(10)
-    assert not [t for t in leaked if t.is_alive()], "a loader thread outlived its test"
 
 
 def make(parts, batch_size=128, **kw):
