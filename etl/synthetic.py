@@ -247,13 +247,7 @@ def _rows(model: _ClickModel, rows: int, train_rows: int, sizes: list[int]) -> I
 
 def _hex(ids: np.ndarray, salt: int) -> pa.Array:
     """Distinct 8-char lowercase hex strings for distinct ids (a bijective 32-bit mix)."""
-    x = (ids.astype(np.uint64) + np.uint64(salt)).astype(np.uint32)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint32(16)
-        x *= np.uint32(0x7FEB352D)
-        x ^= x >> np.uint32(15)
-        x *= np.uint32(0x846CA68B)
-        x ^= x >> np.uint32(16)
+    x = seqs.mix32(ids, salt)
     nibbles = (x[:, None] >> np.arange(28, -1, -4, dtype=np.uint32)) & np.uint32(15)
     data = _HEX[nibbles].tobytes()
     offsets = np.arange(0, 8 * (len(ids) + 1), 8, dtype=np.int32)

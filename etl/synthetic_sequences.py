@@ -64,8 +64,11 @@ def _zipf_rank(u: np.ndarray, k: Any, s: float) -> np.ndarray:
     return np.minimum(x.astype(np.int64) - 1, np.asarray(k) - 1)
 
 
-def _mix(x: np.ndarray, salt: int) -> np.ndarray:
-    """A bijective 32-bit mix: item / tag ranks -> scattered positive int64 ids."""
+def mix32(x: np.ndarray, salt: int) -> np.ndarray:
+    """A bijective 32-bit mix of ``x + salt`` (uint32): distinct inputs give distinct, scattered outputs.
+
+    Also the base generator's hex-string ids (``synthetic._hex``).
+    """
     x = (x.astype(np.uint64) + np.uint64(salt)).astype(np.uint32)
     with np.errstate(over="ignore"):
         x ^= x >> np.uint32(16)
@@ -73,7 +76,12 @@ def _mix(x: np.ndarray, salt: int) -> np.ndarray:
         x ^= x >> np.uint32(15)
         x *= np.uint32(0x846CA68B)
         x ^= x >> np.uint32(16)
-    return x.astype(np.int64)
+    return x
+
+
+def _mix(x: np.ndarray, salt: int) -> np.ndarray:
+    """Item / tag ranks -> scattered positive int64 ids."""
+    return mix32(x, salt).astype(np.int64)
 
 
 class SequenceModel:

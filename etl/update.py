@@ -40,7 +40,6 @@ import time
 import warnings
 from typing import Any
 
-import dask
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -104,8 +103,6 @@ def update_workflow(wf: Any, dataset: Any, decay: float | None = None, force: bo
     Returns:
         ``wf``, with updated stats and the input appended to ``wf.seen``.
     """
-    from ctrflow.etl.workflow import _Evaluator
-
     if not wf.fitted:
         raise RuntimeError("Workflow.update before Workflow.fit: fit it on the first day first")
     if decay is not None and not 0 < decay <= 1:
@@ -122,15 +119,7 @@ def update_workflow(wf: Any, dataset: Any, decay: float | None = None, force: bo
     dataset.check_columns(wf.input_columns)
     ddf = dataset.to_ddf(wf.input_columns)
     # Level by level, like fit: a level's new partials are computed through the already-updated stats below it.
-    for nodes in wf._stat_levels():
-        lazy = []
-        for node in nodes:
-            parents_eval = _Evaluator(node.parents)
-            inp = ddf.map_partitions(parents_eval, meta=parents_eval(ddf._meta))
-            lazy.append(node.op.fit(node.input_columns, inp))
-        computed = dask.compute(*lazy)
-        for node, stats in zip(nodes, computed, strict=True):
-            node.op.update_finalize(stats, decay)
+    wf._fit_levels(ddf, lambda op, stats: op.update_finalize(stats, decay))
     if record is not None:
         wf.seen.append({**record, "decay": decay, "forced": bool(force)})
     return wf

@@ -17,6 +17,7 @@ import logging
 import os
 import uuid
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -145,13 +146,13 @@ class Workflow:
                 groups.setdefault(level[id(n)], []).append(n)
         return [groups[k] for k in sorted(groups)]
 
-    # ---- fit / transform -------------------------------------------------------------------
-    def fit(self, dataset: Dataset) -> Workflow:
-        """Compute every stat op's statistics: one ``dask.compute`` per dependency level."""
-        dataset.check_columns(self.input_columns)
-        ddf = dataset.to_ddf(self.input_columns)
-        self.input_dtypes = {str(c): str(t) for c, t in ddf._meta.dtypes.items()}
-        self.seen = [r] if (r := input_fingerprint(dataset)) else []
+    def _fit_levels(self, ddf: Any, finalize: Callable[[Any, Any], None]) -> None:
+        """Compute every stat op's partials, level by level, and hand each op its merged stats.
+
+        One ``dask.compute`` per dependency level; a level's inputs go through the stats already
+        finalized below it. ``finalize(op, stats)`` is ``fit_finalize`` for a fit and
+        ``update_finalize`` for ``Workflow.update``.
+        """
         for nodes in self._stat_levels():
             lazy = []
             for node in nodes:
@@ -160,7 +161,16 @@ class Workflow:
                 lazy.append(node.op.fit(node.input_columns, inp))
             computed = dispatch.compute(*lazy)
             for node, stats in zip(nodes, computed, strict=True):
-                node.op.fit_finalize(stats)
+                finalize(node.op, stats)
+
+    # ---- fit / transform -------------------------------------------------------------------
+    def fit(self, dataset: Dataset) -> Workflow:
+        """Compute every stat op's statistics: one ``dask.compute`` per dependency level."""
+        dataset.check_columns(self.input_columns)
+        ddf = dataset.to_ddf(self.input_columns)
+        self.input_dtypes = {str(c): str(t) for c, t in ddf._meta.dtypes.items()}
+        self.seen = [r] if (r := input_fingerprint(dataset)) else []
+        self._fit_levels(ddf, lambda op, stats: op.fit_finalize(stats))
         self.fitted = True
         self.list_columns = lists.list_outputs(_Evaluator([self.output_node])(ddf._meta))
         return self
