@@ -2,8 +2,9 @@
 
 Measured side by side in one run, on the same page-cached parquet, batch 65536 by default:
 
-- ``read bound``: ``pyarrow.parquet.read_table(file, columns=..., use_threads=True)`` of every file,
-  nothing else (no conversion, no batches): what any parquet loader is bounded by.
+- ``read bound``: ``pyarrow.parquet.read_table(file, columns=..., use_threads=True, memory_map=True)``
+  of every file, nothing else (no conversion, no batches): what any parquet loader is bounded by.
+  (``memory_map``, as the Loader reads: without it pyarrow first copies each file into its own buffer.)
 - ``ctrflow (no shuffle)``: ``Loader(shuffle=False)``, batches on the CPU. This is also what the host
   does on the GPU path, where the rows are shuffled on the device.
 - ``ctrflow (shuffle)``: ``Loader(shuffle=True)``: chunk order and rows inside each chunk shuffled
@@ -21,8 +22,9 @@ best kept (the machine may
 be shared; the load average is recorded). Besides wall-clock rows/s the table gives rows per
 CPU-second of the process (all its threads), which a busy machine disturbs much less.
 Data: ``--data DIR`` (a processed directory with ``schema.json``), else Criteo-shaped rows
-generated once into ``bench/out/loader-data-<rows>`` (26 int32 categoricals with power-law ids,
-13 float32, a float32 label; 8 files, 256k-row groups).
+generated once into ``bench/out/loader-data-<rows>-<compression>-req`` (26 int32 categoricals with
+power-law ids, 13 float32, a float32 label; 8 files, 256k-row groups; written as ``etl/run.py`` writes:
+plain pages and REQUIRED columns by default, ``--compression snappy`` for dictionary + snappy pages).
 
 Usage:
     python bench/loader.py                        # 4M rows, all systems, table + bench/out/loader.json
@@ -74,8 +76,11 @@ def generate(directory: str, rows: int, files: int = 8, row_group: int = 262144,
             cols[f"I{i + 1}"] = ((x - 1.0) / 1.5).astype(np.float32)
         for i in range(26):  # frequency-ranked ids (3 = most frequent), power law, capped
             cols[f"C{i + 1}"] = (np.minimum(rng.zipf(1.1, n), cards[i]) + 2).astype(np.int32)
-        # "none": plain pages, as `etl/run.py` writes by default; "snappy": dictionary + snappy.
-        pq.write_table(pa.table(cols), os.path.join(tmp, f"part-{f:05d}.parquet"), row_group_size=row_group,
+        # "none": plain pages, as `etl/run.py` writes by default; "snappy": dictionary + snappy. Columns
+        # are REQUIRED (no nulls), as etl/run.py writes them.
+        table = pa.table(cols)
+        table = table.cast(pa.schema([f.with_nullable(False) for f in table.schema]))
+        pq.write_table(table, os.path.join(tmp, f"part-{f:05d}.parquet"), row_group_size=row_group,
                        compression=compression, use_dictionary=compression != "none")
     cols_schema = [ColumnSchema("label", "label", "float32")]
     cols_schema += [ColumnSchema(f"I{i + 1}", "continuous", "float32") for i in range(13)]
@@ -93,8 +98,8 @@ def bench_data(args: argparse.Namespace) -> tuple[str, Schema]:
     if args.data:
         directory = args.data
     else:
-        suffix = "" if args.compression == "snappy" else f"-{args.compression}"
-        directory = os.path.join(OUT, f"loader-data-{args.rows}{suffix}")
+        # "-req": REQUIRED columns (data generated before that was optional and decoded 2x slower).
+        directory = os.path.join(OUT, f"loader-data-{args.rows}-{args.compression}-req")
         if not os.path.exists(os.path.join(directory, "schema.json")):
             os.makedirs(OUT, exist_ok=True)
             t = time.perf_counter()
@@ -123,7 +128,7 @@ def page_cache(files: list[str]) -> None:
 def read_bound(files: list[str], columns: list[str]) -> tuple[int, float, float]:
     """(rows, wall seconds, CPU seconds of all threads)."""
     t, c = time.perf_counter(), time.process_time()
-    rows = sum(pq.read_table(f, columns=columns, use_threads=True).num_rows for f in files)
+    rows = sum(pq.read_table(f, columns=columns, use_threads=True, memory_map=True).num_rows for f in files)
     return rows, time.perf_counter() - t, time.process_time() - c
 
 
@@ -228,8 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="processed directory (with or next to schema.json); default: generated")
     p.add_argument("--rows", type=int, default=4 * 1048576, help="rows to generate when --data is not given")
-    p.add_argument("--compression", choices=["snappy", "none"], default="snappy",
-                   help="generated files: dictionary + snappy, or plain pages as etl/run.py writes by default")
+    p.add_argument("--compression", choices=["none", "snappy"], default="none",
+                   help="generated files: plain pages, as etl/run.py writes by default, or dictionary + snappy")
     p.add_argument("--batch-size", type=int, default=65536)
     p.add_argument("--parts-per-chunk", type=int, default=2)
     p.add_argument("--device", default="cpu", help="ctrflow's device: cpu or cuda")

@@ -49,7 +49,9 @@ class PieceCache:
             if missing:
                 whole = [Slice(p, 0, self.src.pieces[p].rows) for p in missing]
                 for p, table in zip(missing, read_tables(self.src, whole), strict=True):
-                    self.tables[p] = table
+                    # One owned contiguous buffer per column: plain columns arrive as views of the
+                    # file's pages (page cache the kernel may evict), one chunk per page.
+                    self.tables[p] = table.combine_chunks()
             return [self.tables[s.piece].slice(s.start, s.rows) for s in parts]
 
     def clear(self) -> None:

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
+from ctrflow.loader import pages
 from ctrflow.loader.lists import ListStage
 from ctrflow.loader.plan import Slice
 from ctrflow.loader.pool import BufferPool
@@ -61,7 +61,11 @@ class Chunk:
 
 
 def read_tables(src: Source, parts: list[Slice]) -> list[pa.Table]:
-    """Decode ``parts`` (one ``read_row_groups`` call per file) into one Arrow table per slice."""
+    """Read ``parts`` (one ``read_row_groups`` call per file) into one Arrow table per slice.
+
+    Plain-encoded REQUIRED columns come as zero-copy views of the file's pages (``ctrflow.loader.pages``),
+    the rest decoded by pyarrow.
+    """
     names = list(src.columns.cats + src.columns.floats + src.columns.list_columns)
     by_file: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(parts):
@@ -71,8 +75,7 @@ def read_tables(src: Source, parts: list[Slice]) -> list[pa.Table]:
         rgs = sorted({rg for i in idx for rg in src.pieces[parts[i].piece].row_groups})
         path = src.files[f]
         try:
-            pf = pq.ParquetFile(path, metadata=src.metadata[f], memory_map=True)
-            table = pf.read_row_groups(rgs, columns=names, use_threads=True)
+            table = pages.read_row_groups(path, src.metadata[f], rgs, names, src.page_layouts)
         except Exception as e:
             if hasattr(e, "add_note"):
                 e.add_note(f"ctrflow.loader: while reading row groups {rgs} of {path}")

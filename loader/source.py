@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -76,6 +76,8 @@ class Source:
     pieces: list[Piece]
     columns: Columns
     schema: Schema | None
+    # Page layouts of plain columns, parsed on first read (``ctrflow.loader.pages.read_row_groups``).
+    page_layouts: dict[tuple[str, int, int], Any] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:

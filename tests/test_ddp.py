@@ -204,6 +204,31 @@ def test_resume_with_a_different_number_of_ranks(two_rank_run, data, tmp_path, c
     assert summary["steps"] == 11 and summary["epochs"] == 1 and "world_size" not in summary
 
 
+def test_resume_with_the_same_number_of_ranks_continues_exactly(two_rank_run, data, tmp_path):
+    """The step-3 checkpoint of the 2-rank job, resumed by 2 ranks, ends where the uninterrupted job did."""
+    import shutil
+
+    tmp, run, ranks, _ = two_rank_run
+    run2 = tmp_path / "run"
+    shutil.copytree(run, run2)
+    for name in os.listdir(run2 / "checkpoints"):  # back to step 3 of 6: mid-epoch
+        if name != "ckpt-00000003.pt":
+            os.unlink(run2 / "checkpoints" / name)
+    script, dump = _driver(tmp_path)
+    proc = _torchrun(tmp_path, 2, script, [dump, "--data", str(data), "--out", str(run2), "--resume",
+                                           "--eval-every", "3", *FAST])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    resumed = [json.loads((tmp_path / "dump" / f"rank{r}.json").read_text()) for r in range(2)]
+    records = [json.loads(line) for line in (run2 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [3]  # no rescaling: same ranks
+    # Only batches 4-6 of each rank's shard (100 + 100 + 2 / 1 rows) were trained on after the resume.
+    assert all(r["steps"] == 6 for r in resumed) and {r["rows"] for r in resumed} == {202, 201}
+    # Same weights on both ranks, and bit for bit the weights and AUC of the run that was not interrupted.
+    assert resumed[0]["hash"] == resumed[1]["hash"] == ranks[0]["hash"]
+    assert resumed[0]["evals"] == 1 and resumed[0]["valid"]["auc"] == ranks[0]["valid"]["auc"]
+    assert sorted(os.listdir(run2 / "checkpoints"))[-1] == "ckpt-00000006.pt"
+
+
 def test_unequal_batch_counts_fail_fast_instead_of_hanging(tmp_path):
     script = tmp_path / "unequal.py"
     script.write_text(textwrap.dedent('''
@@ -269,6 +294,9 @@ def test_synced_gradients_equal_the_full_batch_gradient(tmp_path):
             if not torch.allclose(got, want, atol=1e-6, rtol=1e-5):
                 bad.append(name)
         print(f"rank {rank} mismatched: {bad}")
+        # Drop DDP's reducer before the process group, as fit.py does (its trainer is gone by then):
+        # a reducer destroyed at interpreter exit, after the group, can abort the process.
+        del sync, model
         ddp.teardown()
         sys.exit(1 if bad else 0)
     '''))

@@ -75,6 +75,9 @@ def test_cli_parquet_end_to_end(raw_parquet, tmp_path, capsys):
     # the label multiset is preserved by the split
     assert np.sort(np.concatenate([train.label, valid.label])).tolist() == np.sort(df.label.astype(float)).tolist()
     assert os.path.exists(out / "workflow" / "workflow.json")
+    # processed columns hold no nulls, so the files declare them REQUIRED (the loader's fast decode)
+    for f in (out / "train").glob("*.parquet"):
+        assert not any(field.nullable for field in pq.read_schema(f))
     _no_leftovers(tmp_path)
 
 

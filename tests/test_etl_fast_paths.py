@@ -158,3 +158,21 @@ def test_float_work_never_aliases_its_input(series):
     x = dispatch.float_work(series)
     x[:] = 99.0
     assert series.equals(before)
+
+
+def test_writer_marks_columns_without_nulls_required(tmp_path):
+    from ctrflow.etl.writer import write_partition
+
+    df = pd.DataFrame({"c": np.arange(5, dtype=np.int64), "x": [1.0, np.nan, 3.0, 4.0, 5.0],
+                       "y": np.linspace(0, 1, 5)})
+    path = str(tmp_path / "p.parquet")
+    assert write_partition(df, path, {"c": "int32", "x": "float32", "y": "float32"}, None) == 5
+    schema = pq.read_schema(path)
+    assert {f.name: f.nullable for f in schema} == {"c": False, "x": True, "y": False}
+    assert schema.field("c").type == pa.int32()
+    back = pq.read_table(path)
+    assert back.column("c").to_pylist() == list(range(5))
+    assert back.column("x").null_count == 1 and back.column("x").to_pylist()[2] == 3.0
+    # without dtypes the pandas metadata survives (index and dtypes round-trip)
+    write_partition(df, path, {}, None)
+    pd.testing.assert_frame_equal(pd.read_parquet(path), df)

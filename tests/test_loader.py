@@ -20,8 +20,13 @@ CONTS = ["x0", "x1"]
 LABELS = ["y"]
 
 
-def write_parts(directory, file_rows, row_group_size=300, start=0):
-    """Parquet files whose every column is a function of a global row id ``rid``."""
+def write_parts(directory, file_rows, row_group_size=300, start=0, layout="snappy"):
+    """Parquet files whose every column is a function of a global row id ``rid``.
+
+    ``layout``: ``snappy`` (pyarrow's defaults: nullable, dictionary + snappy pages, decoded by pyarrow),
+    ``plain`` (as the ETL writes: REQUIRED, plain, uncompressed, read as page views; pages of 128 rows
+    so that slices and batches cut through pages), or ``mixed`` (some columns of each kind).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, n in enumerate(file_rows):
@@ -38,14 +43,20 @@ def write_parts(directory, file_rows, row_group_size=300, start=0):
             }
         )
         path = directory / f"part-{i:05d}.parquet"
-        pq.write_table(t, path, row_group_size=row_group_size)
+        if layout == "snappy":
+            pq.write_table(t, path, row_group_size=row_group_size)
+        else:
+            required = set(t.column_names) if layout == "plain" else {"rid", "c2", "x1"}
+            t = t.cast(pa.schema([f.with_nullable(f.name not in required) for f in t.schema]))
+            pq.write_table(t, path, row_group_size=row_group_size, compression="none", use_dictionary=False,
+                           max_rows_per_page=128, data_page_version="2.0" if i % 2 else "1.0")
         paths.append(str(path))
     return paths
 
 
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    return write_parts(tmp_path_factory.mktemp("loader") / "train", FILE_ROWS)
+@pytest.fixture(scope="module", params=["snappy", "plain", "mixed"])
+def parts(tmp_path_factory, request):
+    return write_parts(tmp_path_factory.mktemp("loader") / "train", FILE_ROWS, layout=request.param)
 
 
 def make(parts, batch_size=128, **kw):

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ctrflow.etl import synthetic
+from ctrflow.etl import synthetic, synthetic_model
 
 ROWS = 20_000
 
@@ -103,8 +103,8 @@ def test_valid_has_unseen_categories(data):
 def test_oracle_matches_sklearn(data):
     sk = pytest.importorskip("sklearn.metrics")
     out, meta = data
-    model = synthetic._ClickModel(7)
-    rows = synthetic._rows(model, ROWS, meta["train_rows"], [meta["train_rows"], meta["valid_rows"]])
+    model = synthetic_model.ClickModel(7)
+    rows = synthetic_model.draw_rows(model, ROWS, meta["train_rows"], [meta["train_rows"], meta["valid_rows"]])
     for split, part in zip(("train", "valid"), rows, strict=True):
         y = _read(out, split)["label"].to_numpy()
         np.testing.assert_array_equal(y, part["label"])  # files hold the labels drawn from these p

@@ -219,3 +219,41 @@ def test_op_without_update_refused_before_any_change():
     with pytest.raises(ValueError, match="CountRows cannot be updated"):
         wf.update(Dataset(day(2)))
     assert op_of(wf, Normalize).stats["x"] == before
+
+
+def test_cli_update_on_a_two_worker_cluster_equals_single_process(tmp_path, capsys):
+    """``--update DIR --input DAY --workers 2`` (a local Dask cluster) writes what the same update
+    without ``--workers`` writes: the same rows and ids, the same stats, vocabularies and tails."""
+    pytest.importorskip("distributed")
+    d1 = _cli_day(tmp_path / "d1.parquet", 1, 0, n=4000)
+    (tmp_path / "day2").mkdir()  # the new day: two files of five 500-row groups, one partition each
+    for name, seed, offset in (("a", 2, 30), ("b", 3, 60)):
+        path = _cli_day(tmp_path / "day2" / f"{name}.parquet", seed, offset, n=2500)
+        pq.write_table(pq.read_table(path), path, row_group_size=500)
+    assert etl_main(["--input", d1, "--output", str(tmp_path / "p1"), "--cats", "C1", "--conts", "I1",
+                     "--freq-threshold", "2", "--no-progress"]) == 0
+    update = ["--update", str(tmp_path / "p1"), "--input", str(tmp_path / "day2"), "--part-size", "600",
+              "--decay", "0.9", "--no-progress"]
+    single, cluster = tmp_path / "single", tmp_path / "cluster"
+    assert etl_main([*update, "--output", str(single)]) == 0
+    assert etl_main([*update, "--output", str(cluster), "--workers", "2"]) == 0
+    assert "2 worker(s)" in capsys.readouterr().err  # the second update did run on the cluster
+
+    for split in ("train", "valid"):  # the random split and the ids: same rows in the same files
+        files = sorted(os.listdir(single / split))
+        assert files and files == sorted(os.listdir(cluster / split))
+        for name in files:
+            assert pq.read_table(single / split / name).equals(pq.read_table(cluster / split / name)), name
+    sa, sb = Schema.load(single), Schema.load(cluster)
+    assert sa["C1"].cardinality == sb["C1"].cardinality > Schema.load(tmp_path / "p1")["C1"].cardinality
+    assert [c.to_dict() for c in sa.columns] == [c.to_dict() for c in sb.columns]
+    assert sa.metadata["rows"] == sb.metadata["rows"]
+    assert sa.metadata["update"]["grown"] == sb.metadata["update"]["grown"]
+    wa, wb = (json.loads((d / "workflow" / "workflow.json").read_text()) for d in (single, cluster))
+    assert wa["fitted"] == wb["fitted"]  # counts, moments, sketches, appended / retired values
+    assert [len(r["files"]) for r in wb["seen"]] == [1, 2] and wb["seen"][-1]["decay"] == 0.9
+    saved = sorted(str(p.relative_to(single)) for p in (single / "workflow").rglob("*.parquet"))
+    assert saved == sorted(str(p.relative_to(cluster)) for p in (cluster / "workflow").rglob("*.parquet"))
+    assert any("/categories/" in p for p in saved) and any("/tail/" in p for p in saved)
+    for rel in saved:  # vocabularies in id order (the same ids), counts of the values below the threshold
+        assert pq.read_table(single / rel).equals(pq.read_table(cluster / rel)), rel

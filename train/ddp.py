@@ -219,6 +219,27 @@ class GradSync:
                 offset += g.numel()
 
 
+def check_equal_batches(per_epoch: int) -> None:
+    """Raise ``ValueError`` unless every rank has ``per_epoch`` batches per epoch: a rank with fewer
+    would leave the others waiting in an all-reduce until the timeout."""
+    counts = all_values(per_epoch)
+    if len(set(counts)) > 1:
+        raise ValueError(f"ranks have different numbers of batches per epoch {counts}: shard the data with "
+                         "ctrflow.loader.Loader (global_rank / global_size), which keeps them equal")
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> GradSync | None:
+    """The :class:`GradSync` that keeps ``model``'s replicas equal, or None for a model that does that
+    itself (``data_parallel = True``: torchrec's DistributedModelParallel, ``train/sharded.py``).
+
+    A model with its own ``training_step`` bypasses ``DDP.forward``, so its dense gradients are
+    all-reduced in :meth:`GradSync.sync` instead of by a DDP wrapper.
+    """
+    if getattr(model, "data_parallel", False):
+        return None
+    return GradSync(model, device, ddp=not hasattr(model, "training_step"))
+
+
 def rescale_position(step: int, epoch: int, batch_in_epoch: int, saved_world: int, world: int,
                      steps_per_epoch: int, grad_accum: int) -> tuple[int, int]:
     """``(step, batch_in_epoch)`` of a checkpoint written with ``saved_world`` ranks, for ``world`` ranks.

@@ -11,7 +11,9 @@ hooks, which then replace the defaults:
   scheduler (or list) stepped once per optimizer step, replacing the built-in warm-up + decay.
 
 Everything a resumed run needs to continue exactly (weights, optimizer state, step, epoch, batches
-consumed in the epoch, RNG states) goes into each checkpoint; see :meth:`Trainer.fit`.
+consumed in the epoch, RNG states) goes into each checkpoint; see :meth:`Trainer.fit` and
+:mod:`ctrflow.train.resumable` (the checkpoint methods). Under torchrun, :mod:`ctrflow.train.ddp` keeps
+the ranks in step (gradient sync, gathered metrics); only rank 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -21,34 +23,23 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctrflow.models.grow import table_layout
 from ctrflow.train import ddp
-from ctrflow.train.checkpoint import (
-    CheckpointError,
-    check_fits,
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
 from ctrflow.train.metrics import BinaryMetrics, RegressionMetrics
 from ctrflow.train.optim import build_optimizers, lr_factor
 from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
+from ctrflow.train.resumable import Resumable
 
 
-class Trainer:
-    """Runs training, evaluation, logging and checkpointing.
+class Trainer(Resumable):
+    """Runs training, evaluation, logging and checkpointing (checkpoint methods: :class:`Resumable`).
 
     Args:
         model: any ``nn.Module`` (see the module docstring for the calling convention).
@@ -215,73 +206,6 @@ class Trainer:
         out["loss"] = float(loss_sum) / n if n else float("nan")
         return out
 
-    # ---------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": "ctrflow.checkpoint/1",
-            "model": self.model.state_dict(),
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "segment_start": self.segment_start, "tables": table_layout(self.model),  # for models/grow.py
-            "world_size": ddp.world_size(),  # batch_in_epoch counts this many ranks' batches
-            "rng": rng_state(),
-            "history": self.history,
-            "config": {"train": asdict(self.cfg), "model": getattr(self.model, "config", None),
-                       "model_class": type(self.model).__name__},
-        }
-
-    def save(self) -> str | None:
-        """Checkpoint now (after checking the losses since the last check are finite)."""
-        self._check_finite()
-        if not self.ckpt_dir:
-            return None
-        state = self.state_dict()  # on every rank: a sharded model gathers its tables here (collective)
-        if not self.is_main:  # rank 0 writes; the others record its path so that all take the same branches
-            self.last_checkpoint = checkpoint_path(self.ckpt_dir, self.step)
-            return self.last_checkpoint
-        self.last_checkpoint = save_checkpoint(self.ckpt_dir, state, self.step, self.cfg.keep_checkpoints)
-        return self.last_checkpoint
-
-    def load_state_dict(self, state: dict[str, Any], path: str = "checkpoint") -> None:
-        """Restore a checkpoint; :class:`CheckpointError` if it does not fit this model / setup."""
-        if self.state_hook is not None:  # e.g. grow the tables onto a grown vocabulary (models/grow.py)
-            state = self.state_hook(state)
-        check_fits(self.model, len(self.optimizers), state, path)
-        self.model.load_state_dict(state["model"])
-        try:
-            for opt, sd in zip(self.optimizers, state["optimizers"], strict=False):
-                opt.load_state_dict(sd)
-            for s, sd in zip(self.schedulers, state.get("schedulers", []), strict=False):
-                s.load_state_dict(sd)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: optimizer state does not fit ({e})") from None
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
-        self.segment_start = int(state.get("segment_start", 0))
-        self._saved_world = int(state.get("world_size", 1))
-        self.history = state.get("history", {"train": [], "valid": []})
-        set_rng_state(state["rng"])
-
-    def resume(self, path: str | bool = True) -> str | None:
-        """Load ``path``, or with ``True`` the newest checkpoint of the run directory (None if none)."""
-        if path is True:
-            if not self.ckpt_dir:
-                raise CheckpointError("resume needs a run directory (out_dir)")
-            path = latest_checkpoint(self.ckpt_dir)
-            if path is None:
-                return None
-        if os.path.isdir(path):
-            found = latest_checkpoint(path) or latest_checkpoint(os.path.join(path, "checkpoints"))
-            if found is None:
-                raise CheckpointError(f"no checkpoint in {path}")
-            path = found
-        if not os.path.exists(path):
-            raise CheckpointError(f"checkpoint {path} does not exist")
-        self.load_state_dict(load_checkpoint(path), path)
-        self.last_checkpoint = path
-        return path
-
     # ------------------------------------------------------------------ loop
     def _log(self, record: dict[str, Any]) -> None:
         for t in self._trackers:
@@ -307,13 +231,7 @@ class Trainer:
             ``valid`` (last metrics), ``checkpoint``, ``resumed_from``.
         """
         cfg = self.cfg
-        resumed = self.resume(resume) if resume else None
-        if not resume and self.ckpt_dir and latest_checkpoint(self.ckpt_dir):
-            # keep-last-N would delete the newest of these and keep stale ones: refuse instead.
-            raise CheckpointError(
-                f"{self.ckpt_dir} already holds checkpoints ({os.path.basename(latest_checkpoint(self.ckpt_dir))}); "
-                "resume to continue that run, or use a new run directory"
-            )
+        resumed = self._start(resume)
         per_epoch = len(train)
         if per_epoch < 1:
             raise ValueError("the training data yields no batch (fewer rows than one batch with drop_last?)")
@@ -322,13 +240,12 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.total_steps += self.segment_start  # epochs / max_steps count from the current data's start
-        if ddp.world_size() > 1:
-            self._setup_parallel(per_epoch)
-        if self._saved_world != ddp.world_size():  # resumed with another number of ranks
-            self.step, self.batch_in_epoch = ddp.rescale_position(
-                self.step, self.epoch, self.batch_in_epoch, self._saved_world, ddp.world_size(),
-                steps_per_epoch, cfg.grad_accum)
-            self._saved_world = ddp.world_size()
+        if ddp.world_size() > 1:  # torchrun: the ranks must agree on the epoch; wrap the model once
+            ddp.check_equal_batches(per_epoch)
+            if self.sync is None:
+                self.sync = ddp.wrap_model(self.model, self.device)
+                self.net = self.sync.net if self.sync is not None else self.model
+        self._match_world(steps_per_epoch)  # resumed with another number of ranks
         self._trackers = []
         if self.out_dir and self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -445,16 +362,6 @@ class Trainer:
                 "rows_per_s": rows_total / seconds if seconds else float("nan"),
                 "loader_wait_s": wait_total, "valid": last_valid,
                 "checkpoint": self.last_checkpoint, "resumed_from": resumed}
-
-    def _setup_parallel(self, per_epoch: int) -> None:
-        """torchrun: check that the ranks agree on the epoch length, then wrap the model."""
-        counts = ddp.all_values(per_epoch)
-        if len(set(counts)) > 1:  # unequal batch counts would leave a rank waiting in an all-reduce
-            raise ValueError(f"ranks have different numbers of batches per epoch {counts}: shard the data with "
-                             "ctrflow.loader.Loader (global_rank / global_size), which keeps them equal")
-        if self.sync is None and not getattr(self.model, "data_parallel", False):  # e.g. torchrec's DMP
-            self.sync = ddp.GradSync(self.model, self.device, ddp=not hasattr(self.model, "training_step"))
-            self.net = self.sync.net
 
     def _run_eval(self, valid: Any, bar: ProgressBar) -> dict[str, float]:
         self._check_finite()
