@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrflow.etl import dispatch
-
-MIN_ROW_GROUP = 256 * 1024
+from ctrflow.etl.parquet_layout import MIN_ROW_GROUP, mark_required, write_options
 
 
 @contextlib.contextmanager
@@ -61,17 +60,11 @@ def write_partition(df: Any, path: str, dtypes: dict[str, str], row_group_size: 
         table = df.to_arrow()
     else:
         table = pa.Table.from_pandas(df, preserve_index=False)
-    # A column without nulls is written REQUIRED (no definition levels): readers then skip the level
-    # decoding, which doubles pyarrow's read speed of plain int32/float32 pages. Each file says what
-    # it holds, so a column with nulls in one partition stays OPTIONAL in that file only.
-    fields = [
-        pa.field(n, _target_type(table.schema.field(n).type, dtypes.get(n)), nullable=table.column(n).null_count > 0)
-        for n in table.column_names
-    ]
+    fields = [pa.field(n, _target_type(table.schema.field(n).type, dtypes.get(n))) for n in table.column_names]
     table = table.cast(pa.schema(fields, metadata=None if dtypes else table.schema.metadata))
+    table = mark_required(table, table.schema.metadata)
     rg = max(row_group_size or table.num_rows, MIN_ROW_GROUP)
-    plain = compression == "none"
-    pq.write_table(table, path, row_group_size=rg, compression=compression, use_dictionary=not plain)
+    pq.write_table(table, path, **write_options(compression, rg))
     return table.num_rows
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,22 +111,48 @@ def _columns(cols: Columns) -> list[tuple[int, str, str, bool]]:
     return out
 
 
-def fill_staging(cols: Columns, tables: list[pa.Table], cat: torch.Tensor, flt: torch.Tensor, at: int) -> int:
+def by_column_groups(columns: list[Any], threads: int, work: Callable[[list[Any], int], None]) -> None:
+    """Run ``work(group, i)`` on ``threads`` round-robin groups of ``columns`` in parallel.
+
+    numpy's copies and takes release the GIL, so the groups use as many cores; ``threads=1`` runs
+    everything in the calling thread.
+    """
+    groups = [columns[i::threads] for i in range(min(threads, len(columns)))]
+    if len(groups) <= 1:
+        for i, g in enumerate(groups):
+            work(g, i)
+        return
+    with ThreadPoolExecutor(len(groups) - 1, thread_name_prefix="ctrflow-loader-copy") as pool:
+        futures = [pool.submit(work, g, i) for i, g in enumerate(groups) if i]
+        work(groups[0], 0)
+        for f in futures:
+            f.result()
+
+
+def fill_staging(cols: Columns, tables: list[pa.Table], cat: torch.Tensor, flt: torch.Tensor, at: int,
+                 threads: int = 1) -> int:
     """Copy ``tables`` into column-major buffers ``cat`` [n_cat, T] / ``flt`` [n_flt, T] from row ``at``.
+
+    Args:
+        threads: threads copying (columns split between them).
 
     Returns:
         The row after the last one written.
     """
     cat_np, flt_np = cat.numpy(), flt.numpy()
-    for j, name, kind, is_cat in _columns(cols):
-        dst = cat_np[j] if is_cat else flt_np[j]
-        pos = at
-        for t in tables:
-            for ch in t.column(name).chunks:
-                n = len(ch)
-                if n:
-                    np.copyto(dst[pos : pos + n], arrow_to_numpy(ch, name, kind), casting="unsafe")
-                    pos += n
+
+    def copy(group: list[tuple[int, str, str, bool]], _: int) -> None:
+        for j, name, kind, is_cat in group:
+            dst = cat_np[j] if is_cat else flt_np[j]
+            pos = at
+            for t in tables:
+                for ch in t.column(name).chunks:
+                    n = len(ch)
+                    if n:
+                        np.copyto(dst[pos : pos + n], arrow_to_numpy(ch, name, kind), casting="unsafe")
+                        pos += n
+
+    by_column_groups(_columns(cols), threads, copy)
     return at + sum(t.num_rows for t in tables)
 
 
@@ -154,7 +181,7 @@ class CpuBuilder:
         batch_size: B.
         shuffle: permute rows inside each chunk (leftover rows included).
         pin: put chunks in page-locked memory (for a later ``.to("cuda", non_blocking=True)``).
-        threads: threads gathering the shuffled columns (1: the producer thread alone, which leaves
+        threads: threads copying / gathering the columns (1: the producer thread alone, which leaves
             the other cores to the model; more when the host has cores to spare, e.g. feeding a GPU).
     """
 
@@ -204,37 +231,32 @@ class CpuBuilder:
         if self.left is not None:
             cat[0, :, :left] = self.left[0]
             flt[0, :, :left] = self.left[1]
-        for j, name, kind, is_cat in _columns(self.cols):
-            buf, pos = (cat if is_cat else flt), left
-            for t in tables:
-                for ch in t.column(name).chunks:
-                    if len(ch):
-                        _put_rows(buf, j, pos, arrow_to_numpy(ch, name, kind))
-                        pos += len(ch)
+
+        def copy(group: list[tuple[int, str, str, bool]], _: int) -> None:
+            for j, name, kind, is_cat in group:
+                buf, pos = (cat if is_cat else flt), left
+                for t in tables:
+                    for ch in t.column(name).chunks:
+                        if len(ch):
+                            _put_rows(buf, j, pos, arrow_to_numpy(ch, name, kind))
+                            pos += len(ch)
+
+        by_column_groups(_columns(self.cols), self.threads, copy)
 
     def _shuffled(
         self, tables: list[pa.Table], cat: np.ndarray, flt: np.ndarray, left: int, total: int, perm: np.ndarray
     ) -> None:
         columns = _columns(self.cols)
-        groups = [columns[i :: self.threads] for i in range(min(self.threads, len(columns)))]
         # Each group gets its own scratch columns (taken here, in this thread, so they are distinct).
         scratch = [
             {
                 np.dtype(np.float32): self.stage_pool.get((total,), torch.float32).numpy(),
                 cat.dtype: self.stage_pool.get((total,), self.cols.cat_dtype).numpy(),
             }
-            for _ in groups
+            for _ in range(min(self.threads, len(columns)))
         ]
-        if len(groups) == 1:
-            self._gather(groups[0], scratch[0], tables, cat, flt, left, perm)
-            return
-        # numpy's copy and take release the GIL: the groups run in parallel.
-        with ThreadPoolExecutor(len(groups) - 1, thread_name_prefix="ctrflow-loader-gather") as pool:
-            futures = [pool.submit(self._gather, g, sc, tables, cat, flt, left, perm)
-                       for g, sc in zip(groups[1:], scratch[1:], strict=True)]
-            self._gather(groups[0], scratch[0], tables, cat, flt, left, perm)
-            for f in futures:
-                f.result()
+        by_column_groups(columns, self.threads,
+                         lambda group, i: self._gather(group, scratch[i], tables, cat, flt, left, perm))
 
     def _gather(
         self,

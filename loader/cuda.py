@@ -72,10 +72,12 @@ class CudaBuilder:
         batch_size: B.
         shuffle: permute rows inside each chunk on the device.
         device: the CUDA device.
+        threads: host threads copying the decoded columns into the pinned staging buffers.
     """
 
-    def __init__(self, src: Source, batch_size: int, shuffle: bool, device: torch.device) -> None:
+    def __init__(self, src: Source, batch_size: int, shuffle: bool, device: torch.device, threads: int = 1) -> None:
         self.cols, self.bsz, self.shuffle, self.device = src.columns, batch_size, shuffle, device
+        self.threads = threads
         self.n_cat, self.n_flt = len(src.columns.cats), len(src.columns.floats)
         self.stream = torch.cuda.Stream(device)
         self.pools = [BufferPool(capacity=2, pin=True), BufferPool(capacity=2, pin=True)]
@@ -93,7 +95,7 @@ class CudaBuilder:
         pool = self.pools[slot]
         h_cat = pool.get((self.n_cat, rows), self.cols.cat_dtype)
         h_flt = pool.get((self.n_flt, rows), torch.float32)
-        fill_staging(self.cols, tables, h_cat, h_flt, 0)
+        fill_staging(self.cols, tables, h_cat, h_flt, 0, threads=self.threads)
         with torch.cuda.stream(self.stream):
             d_cat = h_cat.to(self.device, non_blocking=True)
             d_flt = h_flt.to(self.device, non_blocking=True)

@@ -99,8 +99,9 @@ class Loader(torch.utils.data.IterableDataset):
         cache: keep the decoded pieces in host memory after the first epoch, so later epochs skip the
             parquet decode (``ctrflow.loader.cache``; costs the decoded size of this rank's rows, see
             ``cache_bytes``). Decodes on the host, also with ``use_cudf``.
-        threads: CPU device: threads that gather the shuffled columns (1: the producer thread alone,
-            leaving the other cores to a model training on the CPU; 2+ when cores are spare).
+        threads: threads that copy (and on the CPU shuffle) the columns into batches. Default: 1 on
+            the CPU (the producer thread alone, leaving the other cores to the model training there),
+            ``min(4, cores)`` with a CUDA device (the host only stages data for the GPU).
 
     ``len(loader)`` is the exact number of batches per epoch (the same on every rank).
     """
@@ -128,7 +129,7 @@ class Loader(torch.utils.data.IterableDataset):
         list_format: str = "jagged",
         pad_lengths: int | dict[str, int] | None = None,
         cache: bool = False,
-        threads: int = 1,
+        threads: int | None = None,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -155,6 +156,8 @@ class Loader(torch.utils.data.IterableDataset):
         self.pin_memory = bool(pin_memory) and self.device.type == "cpu" and torch.cuda.is_available()
         self.read_ahead = bool(read_ahead)
         self._cache = PieceCache(self.source) if cache else None
+        if threads is None:
+            threads = min(4, os.cpu_count() or 1) if self.device.type == "cuda" else 1
         if int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = int(threads)
@@ -185,7 +188,7 @@ class Loader(torch.utils.data.IterableDataset):
         if self.device.type == "cuda":
             from ctrflow.loader.cuda import CudaBuilder
 
-            return CudaBuilder(self.source, self.batch_size, self.shuffle, self.device)
+            return CudaBuilder(self.source, self.batch_size, self.shuffle, self.device, threads=self.threads)
         return CpuBuilder(self.columns, self.batch_size, self.shuffle, pin=self.pin_memory, threads=self.threads)
 
     def __iter__(self) -> EpochIterator:

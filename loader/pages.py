@@ -3,10 +3,11 @@
 The ETL writes processed columns the loader can read without decoding: no compression, PLAIN
 encoding, no nulls (the fields are REQUIRED, so pages carry no definition levels). A data page of
 such a column is a thrift page header followed by the little-endian values themselves, so the values
-can be used where they lie: the loader maps the byte range of the row groups it needs
-(``MAP_POPULATE`` faults the page-cache pages in, in the read thread) and hands out zero-copy numpy
-views of each page. The builder's one copy into the batch buffers is then the only copy; pyarrow's
-decode of the same pages costs ~3.5x the mapping's CPU (``bench/loader.py``).
+can be used where they lie: the loader maps the byte range of the row groups it needs and hands out
+zero-copy numpy views of each page. The builder's one copy into the batch buffers is then the only
+copy (pyarrow's decode is a copy of its own, ~45 ns per 160-byte row here, before the builder's). The
+ETL writes one page per column chunk (``ctrflow.etl.parquet_layout``): with pyarrow's default 20k-row
+pages the many small copies contend for the GIL once several threads copy.
 
 Eligibility is checked per column chunk from the footer (physical type equal to the Arrow type,
 ``UNCOMPRESSED``, no dictionary page, max definition and repetition level 0) and then per page while
@@ -206,10 +207,8 @@ def read_row_groups(path: str, md: pq.FileMetaData, rgs: list[int], names: list[
         lo = min(c.data_page_offset for c in chunks)
         hi = max(c.data_page_offset + c.total_compressed_size for c in chunks)
         base = lo - lo % mmap.ALLOCATIONGRANULARITY
-        with open(path, "rb") as fh:
-            # MAP_POPULATE: fault the pages in here (the read thread), not in the builder's copies.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            buf = mmap.mmap(fh.fileno(), hi - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+        with open(path, "rb") as fh:  # (MAP_POPULATE measured no faster: the copies fault the pages in)
+            buf = mmap.mmap(fh.fileno(), hi - base, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=base)
         for n, (i, dtype) in plain.items():
             pieces = []
             for rg in rgs:

@@ -176,3 +176,22 @@ def test_writer_marks_columns_without_nulls_required(tmp_path):
     # without dtypes the pandas metadata survives (index and dtypes round-trip)
     write_partition(df, path, {}, None)
     pd.testing.assert_frame_equal(pd.read_parquet(path), df)
+
+
+@pytest.mark.parametrize("compression", ["none", "snappy"])
+def test_plain_output_is_one_page_per_column_chunk(tmp_path, compression):
+    """Plain output: one PLAIN page per column chunk, which the loader copies out of the file as it lies."""
+    from ctrflow.etl.writer import write_partition
+    from ctrflow.loader import pages
+
+    n = 50_000  # > pyarrow's default of 20k rows per page
+    df = pd.DataFrame({"c": np.arange(n, dtype=np.int32), "x": np.linspace(0, 1, n, dtype=np.float32)})
+    path = str(tmp_path / "p.parquet")
+    write_partition(df, path, {}, None, compression)
+    layouts: dict = {}
+    table = pages.read_row_groups(path, pq.read_metadata(path), [0], ["c", "x"], layouts)
+    assert table.column("c").to_pylist() == list(range(n))
+    if compression == "none":
+        assert [len(counts) for _, counts in layouts.values()] == [1, 1]
+    else:  # dictionary + snappy pages: decoded by pyarrow
+        assert all(v is None for v in layouts.values())

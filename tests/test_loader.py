@@ -320,11 +320,33 @@ def test_cache_gives_the_same_epochs_as_streaming(parts, world, monkeypatch):
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_gather_threads_give_the_same_batches(parts, cache):
-    one = make(parts, batch_size=100, seed=9, cache=cache)
-    three = make(parts, batch_size=100, seed=9, cache=cache, threads=3)
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_copy_threads_give_the_same_batches(parts, cache, shuffle):
+    one = make(parts, batch_size=100, seed=9, cache=cache, shuffle=shuffle)
+    three = make(parts, batch_size=100, seed=9, cache=cache, shuffle=shuffle, threads=3)
+    assert one.threads == 1  # the CPU default leaves the other cores to the model
     for _ in range(2):
         a, b = epoch_ids(one), epoch_ids(three)  # epoch_ids also checks every column of every row
         assert [x.tolist() for x in a] == [x.tolist() for x in b]
     with pytest.raises(ValueError, match="threads"):
         make(parts, threads=0)
+
+
+def test_fill_staging_threads_copy_every_column(parts):
+    """The GPU path's host copy (into the pinned staging buffers), with its columns split over threads."""
+    from ctrflow.loader.chunk import fill_staging, read_tables
+    from ctrflow.loader.plan import Slice
+
+    src = make(parts).source
+    tables = read_tables(src, [Slice(p, 0, src.pieces[p].rows) for p in range(3)])
+    rows = sum(t.num_rows for t in tables)
+    out = []
+    for threads in (1, 3):
+        cat, flt = torch.full((3, rows + 5), -1, dtype=torch.int64), torch.full((3, rows + 5), -1.0)
+        assert fill_staging(src.columns, tables, cat, flt, 5, threads=threads) == rows + 5
+        out.append((cat, flt))
+    rid = out[0][0][0, 5:]
+    assert torch.equal(rid, torch.from_numpy(np.concatenate([t.column("rid").to_numpy() for t in tables])))
+    assert torch.equal(out[0][0][1, 5:], rid % 97) and torch.equal(out[0][1][1, 5:], (-rid).float())
+    assert (out[0][0][:, :5] == -1).all()
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
