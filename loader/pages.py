@@ -208,7 +208,12 @@ def read_row_groups(path: str, md: pq.FileMetaData, rgs: list[int], names: list[
         hi = max(c.data_page_offset + c.total_compressed_size for c in chunks)
         base = lo - lo % mmap.ALLOCATIONGRANULARITY
         with open(path, "rb") as fh:  # (MAP_POPULATE measured no faster: the copies fault the pages in)
-            buf = mmap.mmap(fh.fileno(), hi - base, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=base)
+            # A footer that points past the end of the file (a truncated or replaced file): let pyarrow
+            # read it and say what is wrong (mmap would only refuse the length).
+            buf = None if hi > os.fstat(fh.fileno()).st_size else mmap.mmap(
+                fh.fileno(), hi - base, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=base)
+        if buf is None:
+            plain = {}
         for n, (i, dtype) in plain.items():
             pieces = []
             for rg in rgs:

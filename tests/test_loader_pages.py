@@ -125,3 +125,13 @@ def test_loader_reads_etl_output_through_page_views(tmp_path):
         seen.append(r.numpy())
     assert np.array_equal(np.sort(np.concatenate(seen)), rid)
     assert lo.source.page_layouts and all(v is not None for v in lo.source.page_layouts.values())
+
+
+def test_a_footer_pointing_past_the_file_raises_instead_of_crashing(tmp_path):
+    """Stale metadata (a file replaced by a shorter one): never map past the end (SIGBUS), let pyarrow raise."""
+    big, small = str(tmp_path / "big.parquet"), str(tmp_path / "small.parquet")
+    pq.write_table(_table(), big, compression="none", use_dictionary=False)
+    pq.write_table(_table().slice(0, 10), small, compression="none", use_dictionary=False)
+    with pytest.raises(Exception) as e:  # noqa: B017 - pyarrow's own error for a mismatched footer
+        pages.read_row_groups(small, pq.read_metadata(big), [0], ["i64"], {})
+    assert "mmap" not in str(e.value)  # the file's problem, not a mapping detail
