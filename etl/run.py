@@ -329,7 +329,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with atomic_dir(output, overwrite=args.overwrite) as tmp:
             train_files, valid_files, rows, write_s = write_splits(
                 workflow, schema, train, valid, tmp, args.compression, "the training input has no rows: check --input")
-            workflow.meta = {"inputs": args.input or "synthetic", "format": args.format, "task": args.task}
+            workflow.meta = {"inputs": args.input or "synthetic", "format": args.format, "task": args.task,
+                             # 'COL:SEP' splits run before the workflow: ctrflow.serve splits requests alike
+                             "list_separators": {c: s for c, s in getattr(args, "list_spec", {}).items() if s}}
             workflow.save(os.path.join(tmp, "workflow"))
             list_stats = list_args.finish_schema(schema, tmp)  # max_length = longest list written
             seconds = time.perf_counter() - t0

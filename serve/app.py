@@ -2,6 +2,7 @@
 
 Endpoints:
     POST /predict   body: a JSON list of raw rows ``[{column: value}, ...]`` -> ``{"scores": [...]}``
+                    (a list column's value is a JSON array, see :mod:`ctrflow.serve.list_inputs`)
     POST /rank      body: ``{"context": {...}, "candidates": [{...}, ...]}`` ->
                     ``{"ranked": [{"index": i, "score": s, "candidate": {...}}, ...]}`` (highest first)
     GET  /health    ``{"status": "ok", ...}``

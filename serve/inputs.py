@@ -17,10 +17,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ctrflow.etl.lists import is_list_type
 from ctrflow.etl.readers import normalize_arrow
 
 
@@ -41,9 +43,14 @@ def arrow_type(dtype: str) -> pa.DataType | None:
     """The arrow type requests are parsed to from a recorded input dtype (``None``: infer).
 
     Strings (``dictionary<values=string ...>``, ``string``, ``object``, ``category``) -> string,
-    integers -> int64, floats and booleans -> float64 (what ``readers.normalize_arrow`` stores).
+    integers -> int64, floats and booleans -> float64 (what ``readers.normalize_arrow`` stores);
+    list dtypes -> ``list<`` that rule applied to the element ``>``.
     """
     d = dtype.lower()
+    if d.startswith(("list<", "large_list<")) and ">" in d:  # "list<item: int64>[pyarrow]" -> list<int64>
+        inner = d[d.index("<") + 1 : d.rindex(">")]
+        elem = arrow_type((inner.split(":", 1)[1] if ":" in inner else inner).strip())
+        return pa.list_(elem or pa.float64())
     if any(k in d for k in ("string", "object", "category", "str", "utf8")):
         return pa.string()
     if "int" in d:
@@ -58,13 +65,14 @@ def _what(v: Any) -> str:
         type(v), type(v).__name__)
 
 
-def _coerce(col: str, i: int, v: Any, target: pa.DataType | None) -> Any:
-    """One value parsed to ``target`` (None for missing); :class:`ServeError` naming column and row."""
+def _coerce(col: str, i: int, v: Any, target: pa.DataType | None, element: int | None = None) -> Any:
+    """One value (or list element number ``element``) parsed to ``target`` (None for missing);
+    :class:`ServeError` naming column and row."""
     if v is None:
         return None
     if isinstance(v, float) and math.isnan(v):
         return None
-    where = f"column {col!r} row {i}"
+    where = f"column {col!r} row {i}" + ("" if element is None else f" element {element}")
     if target is None:
         if isinstance(v, (dict, list)):
             raise ServeError(f"{where}: expected a number or a string, got {_what(v)}", col)
@@ -104,12 +112,17 @@ def _coerce(col: str, i: int, v: Any, target: pa.DataType | None) -> Any:
     return float(v)
 
 
-def column_array(col: str, values: Sequence[Any], target: pa.DataType | None) -> pa.Array:
+def column_array(col: str, values: Sequence[Any], target: pa.DataType | None, sep: str | None = None) -> pa.Array:
     """One column of Python values as an arrow array of ``target``, validated.
 
     A fast path hands clean columns to arrow in one call; anything it rejects (or may have let through:
-    booleans, infinities) goes value by value so the error names the row.
+    booleans, infinities) goes value by value so the error names the row. List targets: see
+    :func:`ctrflow.serve.list_inputs.list_column_array` (``sep``: the ETL's split separator).
     """
+    if target is not None and is_list_type(target):
+        from ctrflow.serve.list_inputs import list_column_array
+
+        return list_column_array(col, values, target, sep)
     if target is None:
         fast = False
     elif pa.types.is_string(target):
@@ -150,13 +163,15 @@ def to_frame(arrays: Mapping[str, pa.Array]) -> pd.DataFrame:
 
 
 def frame_from_records(rows: Any, types: Mapping[str, pa.DataType | None], field: str = "rows",
-                       fill: Mapping[str, Any] | None = None) -> pd.DataFrame:
+                       fill: Mapping[str, Any] | None = None, separators: Mapping[str, str] | None = None
+                       ) -> pd.DataFrame:
     """``to_frame(columns_from_records(...))``: validated JSON-style rows as the raw input frame."""
-    return to_frame(columns_from_records(rows, types, field, fill))
+    return to_frame(columns_from_records(rows, types, field, fill, separators))
 
 
 def columns_from_records(rows: Any, types: Mapping[str, pa.DataType | None], field: str = "rows",
-                         fill: Mapping[str, Any] | None = None) -> dict[str, pa.Array]:
+                         fill: Mapping[str, Any] | None = None, separators: Mapping[str, str] | None = None
+                         ) -> dict[str, pa.Array]:
     """Validate JSON-style rows and parse them into typed arrow columns.
 
     Args:
@@ -164,6 +179,8 @@ def columns_from_records(rows: Any, types: Mapping[str, pa.DataType | None], fie
         types: every required input column -> the arrow type to parse it to (``None``: infer).
         field: how error messages name the list (``rows``, ``candidates``).
         fill: columns to add with a constant (the label: the workflow reads it, the model does not).
+        separators: ``{list column: separator}`` of columns the ETL split from delimited strings
+            (``--list-cols COL:SEP``): such a column also takes the delimited string.
 
     Returns:
         ``{column: pa.Array [B]}`` for the columns of ``types`` plus ``fill``.
@@ -189,19 +206,22 @@ def columns_from_records(rows: Any, types: Mapping[str, pa.DataType | None], fie
         absent = next((i for i, v in enumerate(values) if v is _MISSING), None)
         if absent is not None:
             raise ServeError(f"{field}[{absent}] is missing column {col!r} (send null for a missing value)", col)
-        arrays[col] = column_array(col, values, target)
+        arrays[col] = column_array(col, values, target, (separators or {}).get(col))
+    _check_weights(arrays, types)
     for col, value in (fill or {}).items():
         arrays[col] = pa.array([value] * len(rows))
     return arrays
 
 
 def columns_from_pandas(df: pd.DataFrame, types: Mapping[str, pa.DataType | None],
-                        fill: Mapping[str, Any] | None = None) -> dict[str, pa.Array]:
+                        fill: Mapping[str, Any] | None = None, separators: Mapping[str, str] | None = None
+                        ) -> dict[str, pa.Array]:
     """Typed arrow columns from a user's DataFrame (any dtypes: numpy, arrow-backed, object).
 
     Args:
         df: B rows holding every column of ``types`` (others are ignored).
-        types, fill: as in :func:`columns_from_records`.
+        types, fill, separators: as in :func:`columns_from_records` (list columns: python lists, numpy
+            arrays or an arrow list dtype).
 
     Returns:
         ``{column: pa.Array [B]}`` for the columns of ``types`` plus ``fill``.
@@ -216,28 +236,52 @@ def columns_from_pandas(df: pd.DataFrame, types: Mapping[str, pa.DataType | None
     arrays = {}
     for col, target in types.items():
         s = df[col]
-        arr = None
+        sep = (separators or {}).get(col)
         try:
             arr = pa.Array.from_pandas(s)
             if isinstance(arr, pa.ChunkedArray):
                 arr = arr.combine_chunks()
-            if pa.types.is_dictionary(arr.type):
-                arr = arr.dictionary_decode()
-            if target is not None and arr.type != target:
-                if pa.types.is_string(target) != (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-                    arr = None  # strings <-> numbers: parse value by value (rules of the JSON path)
-                else:
-                    arr = arr.cast(target, safe=True)
-            if arr is not None and pa.types.is_floating(arr.type) and pc.any(pc.is_inf(arr)).as_py():
-                arr = None
+            arr = _plain_cast(arr, target, sep)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
             arr = None
         if arr is None:
-            arr = column_array(col, s.astype(object).where(s.notna(), None).tolist(), target)
+            arr = column_array(col, _python_values(s), target, sep)
         arrays[col] = arr
+    _check_weights(arrays, types)
     for col, value in (fill or {}).items():
         arrays[col] = pa.array([value] * len(df))
     return arrays
+
+
+def _plain_cast(arr: pa.Array, target: pa.DataType | None, sep: str | None) -> pa.Array | None:
+    """``arr`` as ``target`` when arrow can convert it without changing values; None: parse value by value."""
+    if target is not None and is_list_type(target):
+        from ctrflow.serve.list_inputs import list_from_arrow
+
+        return list_from_arrow(arr, target, sep)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if target is not None and arr.type != target:
+        if pa.types.is_string(target) != (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            return None  # strings <-> numbers: parse value by value (rules of the JSON path)
+        arr = arr.cast(target, safe=True)
+    if pa.types.is_floating(arr.type) and pc.any(pc.is_inf(arr)).as_py():
+        return None
+    return arr
+
+
+def _python_values(s: pd.Series) -> list[Any]:
+    """A column's values as Python objects, missing scalars as None (lists and arrays kept as they are)."""
+    values = s.astype(object).tolist()
+    return [None if not isinstance(v, (list, tuple, np.ndarray)) and pd.isna(v) else v for v in values]
+
+
+def _check_weights(arrays: Mapping[str, pa.Array], types: Mapping[str, pa.DataType | None]) -> None:
+    """List weight columns (``X_weights``): one non-null weight per element of ``X``."""
+    if any(t is not None and is_list_type(t) for t in types.values()):
+        from ctrflow.serve.list_inputs import check_weights, weight_pairs
+
+        check_weights(arrays, weight_pairs(types))
 
 
 def concat_columns(parts: Sequence[Mapping[str, pa.Array]]) -> dict[str, pa.Array]:

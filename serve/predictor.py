@@ -4,7 +4,8 @@ A run directory (``train/fit.py --out RUN``) holds ``checkpoints/ckpt-*.pt`` who
 model class, its constructor arguments and the processed dataset it was trained on; that dataset holds
 the fitted ``workflow/`` and ``schema.json``. Raw rows go through ``Workflow.transform_frame`` -- the
 function the ETL mapped over every partition, so serving and training share one code path -- then the
-model, in batches, under ``torch.inference_mode``.
+model, in batches, under ``torch.inference_mode``. List features (JSON arrays, or the ETL's delimited
+strings) reach the model as the loader's jagged values + offsets (:mod:`ctrflow.serve.list_inputs`).
 
 Example:
     >>> p = Predictor.from_run("runs/dlrm-20261123")                       # doctest: +SKIP
@@ -38,6 +39,7 @@ from ctrflow.serve.inputs import (
     num_rows,
     to_frame,
 )
+from ctrflow.serve.list_inputs import is_list_target, jagged_inputs, weight_pairs
 from ctrflow.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 DEFAULT_BATCH_SIZE = 65536
@@ -79,7 +81,8 @@ class Predictor:
 
     Args:
         model: returns logits ``[B]``, ``[B, 1]`` (or ``[B, 2]`` two-class) from
-            ``(categorical [B, n_cat] int, continuous [B, n_cont] float32)``.
+            ``(categorical [B, n_cat] int, continuous [B, n_cont] float32)``, plus ``lists=`` /
+            ``weights=`` (jagged, as ``Batch.lists`` / ``Batch.weights``) when its ``takes_lists``.
         workflow: the fitted workflow that produced the model's training data.
         schema: the processed dataset's schema (its categorical / continuous order is the model's).
         task: ``binary`` (scores are probabilities) or ``regression`` (raw values).
@@ -97,8 +100,6 @@ class Predictor:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if task not in ("binary", "regression"):
             raise ValueError(f"task must be binary or regression, got {task!r}")
-        if schema.lists:
-            raise RunError(f"list features {schema.lists} are not supported by ctrflow.serve yet")
         if not workflow.fitted:
             raise RunError("the workflow is not fitted")
         self.device = resolve_device("auto" if device is None else str(device))
@@ -106,8 +107,17 @@ class Predictor:
         self.workflow, self.schema, self.task, self.batch_size = workflow, schema, task, int(batch_size)
         self.info = dict(info or {})
         self.categorical, self.continuous = list(schema.categorical), list(schema.continuous)
+        # List features the model reads (as train/fit.py loads them) and their weight columns (the loader's).
+        spec = getattr(getattr(model, "features", None), "spec", None)
+        self.lists = list(spec.lists) if spec is not None and getattr(model, "takes_lists", False) else []
+        known = {c.name for c in schema.columns}
+        missing = [c for c in self.lists if c not in known]
+        if missing:
+            raise RunError(f"the model reads list feature(s) {missing} that the dataset's schema lacks")
+        self.list_weights = {c: schema[c].weights for c in self.lists if schema[c].weights}
+        self.list_dtypes = {c: schema[c].dtype for c in [*self.lists, *self.list_weights.values()]}
         produced = set(workflow.output_columns)
-        lacking = [c for c in self.categorical + self.continuous if c not in produced]
+        lacking = [c for c in self.categorical + self.continuous + list(self.list_dtypes) if c not in produced]
         if lacking:
             raise RunError(f"the workflow does not produce the model's input column(s) {lacking}")
         self._check_cardinalities()
@@ -116,9 +126,22 @@ class Predictor:
                              for c in n.input_columns if c in workflow.input_columns]
         self.required_columns = [c for c in workflow.input_columns if c not in self.label_inputs]
         self.input_types = self._input_types()
+        # Columns the ETL split from delimited strings ('--list-cols COL:SEP'): requests may send either form.
+        seps = workflow.meta.get("list_separators") or {}
+        self.separators = {c: s for c, s in seps.items() if is_list_target(self.input_types.get(c))}
 
     def _check_cardinalities(self) -> None:
         """Refuse a workflow whose ids outgrew the model's tables (e.g. updated after training)."""
+        spec = getattr(getattr(self.model, "features", None), "spec", None)
+        if spec is not None:  # per-feature tables (ctrflow.models.features): categorical and list features
+            produced = {c.name: c.cardinality for c in self.workflow.output_schema().columns}
+            for f in spec.features:
+                have = produced.get(f.name)
+                if have is not None and have > f.cardinality:
+                    raise RunError(f"column {f.name!r}: the workflow now makes {have} ids, the model's feature has "
+                                   f"{f.cardinality} (workflow updated after training?): retrain, or serve the "
+                                   "matching workflow")
+            return
         cfg = getattr(self.model, "config", None) or {}
         cards = cfg.get("cardinalities") or [n for n, _ in cfg.get("emb_szs") or []]
         if len(cards) != len(self.categorical):
@@ -194,8 +217,8 @@ class Predictor:
         """Validate raw rows (a DataFrame or a list of dicts) into typed arrow columns (see ``serve.inputs``)."""
         fill = {c: 0.0 for c in self.label_inputs}
         if isinstance(rows, pd.DataFrame):
-            return columns_from_pandas(rows, self.input_types, fill)
-        return columns_from_records(rows, self.input_types, field, fill)
+            return columns_from_pandas(rows, self.input_types, fill, self.separators)
+        return columns_from_records(rows, self.input_types, field, fill, self.separators)
 
     def raw_frame(self, rows: pd.DataFrame | Sequence[Mapping[str, Any]], field: str = "rows") -> pd.DataFrame:
         """Validate raw rows into the frame the workflow reads (as the ETL's reader built it)."""
@@ -223,9 +246,17 @@ class Predictor:
         """Scores of already-transformed rows (the ETL's output): ``[B]`` float32."""
         out = []
         for lo in range(0, len(processed), self.batch_size):
-            cat, cont = self._tensors(processed.iloc[lo:lo + self.batch_size])
+            part = processed.iloc[lo:lo + self.batch_size]
+            cat, cont = self._tensors(part)
             cat, cont = cat.to(self.device, non_blocking=True), cont.to(self.device, non_blocking=True)
-            out.append(self._scores(self.model(cat, cont)).cpu())
+            if self.lists:  # jagged, exactly as the loader reads the ETL's parquet (serve/list_inputs.py)
+                lists, weights = jagged_inputs(part, self.lists, self.list_weights, self.list_dtypes)
+                lists = {k: (v.to(self.device), o.to(self.device)) for k, (v, o) in lists.items()}
+                weights = {k: w.to(self.device) for k, w in weights.items()}
+                logits = self.model(cat, cont, lists=lists, weights=weights)
+            else:
+                logits = self.model(cat, cont)
+            out.append(self._scores(logits).cpu())
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
     def transform(self, raw: pd.DataFrame) -> pd.DataFrame:
@@ -283,7 +314,8 @@ class Predictor:
         return [{**context, **c} if isinstance(c, Mapping) else c for c in candidates]
 
     def metadata(self) -> dict[str, Any]:
-        """Model, schema, versions and workflow columns (JSON-safe)."""
+        """Model, schema, versions and workflow columns, list columns included (JSON-safe)."""
+        pairs = weight_pairs(self.input_types)
         return {
             "model": {"class": self.info.get("model_class", type(self.model).__name__),
                       "config": self.info.get("model_config", getattr(self.model, "config", None)),
@@ -296,7 +328,12 @@ class Predictor:
                          "label_columns": self.label_inputs,
                          "input_types": {c: str(t) if t is not None else None for c, t in self.input_types.items()},
                          "output_columns": self.workflow.output_columns,
-                         "model_inputs": {"categorical": self.categorical, "continuous": self.continuous},
+                         "list_columns": {c: {"type": str(t), "separator": self.separators.get(c),
+                                              "weights": pairs.get(c),
+                                              "weights_of": next((k for k, w in pairs.items() if w == c), None)}
+                                          for c, t in self.input_types.items() if is_list_target(t)},
+                         "model_inputs": {"categorical": self.categorical, "continuous": self.continuous,
+                                          "lists": self.lists, "list_weights": self.list_weights},
                          "meta": self.workflow.meta},
             "versions": {"serving": {**library_versions(), "torch": torch.__version__},
                          "workflow": self.info.get("workflow_versions"),
