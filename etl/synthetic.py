@@ -35,7 +35,7 @@ from ctrflow.etl.synthetic_model import CATEGORICAL, CATS, CONTINUOUS, CONTS, Cl
 __all__ = ["CATEGORICAL", "CATS", "CONTINUOUS", "CONTS", "GENERATOR", "VERSION", "auc", "generate", "logloss"]
 
 GENERATOR = "ctrflow.synthetic"
-VERSION = 2  # bump whenever the data for a given seed changes (caches key on it)
+VERSION = 3  # bump whenever the data for a given seed changes (caches key on it); 3: centred effects, BIAS -1.33
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
