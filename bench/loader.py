@@ -61,7 +61,7 @@ OUT = os.path.join(ROOT, "bench", "out")
 
 # ---- machine and data -------------------------------------------------------------------------
 def generate(directory: str, rows: int, files: int = 8, row_group: int = 262144, seed: int = 0,
-             compression: str = "snappy") -> None:
+             compression: str = "none") -> None:
     """Criteo-shaped processed parquet + schema.json (written to a temp dir, then renamed)."""
     rng = np.random.default_rng(seed)
     cards = [int(10 ** rng.uniform(1, 7)) for _ in range(26)]

@@ -5,9 +5,10 @@ encoding, no nulls (the fields are REQUIRED, so pages carry no definition levels
 such a column is a thrift page header followed by the little-endian values themselves, so the values
 can be used where they lie: the loader maps the byte range of the row groups it needs and hands out
 zero-copy numpy views of each page. The builder's one copy into the batch buffers is then the only
-copy (pyarrow's decode is a copy of its own, ~45 ns per 160-byte row here, before the builder's). The
-ETL writes one page per column chunk (``ctrflow.etl.parquet_layout``): with pyarrow's default 20k-row
-pages the many small copies contend for the GIL once several threads copy.
+copy (pyarrow's decode is a copy of its own before the builder's: the loader needs half the CPU per
+row with the views, bench/RESULTS.md "Loader"). The ETL writes one page per column chunk
+(``ctrflow.etl.parquet_layout``): with pyarrow's default 20k-row pages the many small copies contend
+for the GIL once several threads copy.
 
 Eligibility is checked per column chunk from the footer (physical type equal to the Arrow type,
 ``UNCOMPRESSED``, no dictionary page, max definition and repetition level 0) and then per page while

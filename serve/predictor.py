@@ -108,8 +108,8 @@ class Predictor:
         self.info = dict(info or {})
         self.categorical, self.continuous = list(schema.categorical), list(schema.continuous)
         # List features the model reads (as train/fit.py loads them) and their weight columns (the loader's).
-        spec = getattr(getattr(model, "features", None), "spec", None)
-        self.lists = list(spec.lists) if spec is not None and getattr(model, "takes_lists", False) else []
+        self.spec = getattr(getattr(model, "features", None), "spec", None)  # ctrflow.models.features
+        self.lists = list(self.spec.lists) if self.spec is not None and getattr(model, "takes_lists", False) else []
         known = {c.name for c in schema.columns}
         missing = [c for c in self.lists if c not in known]
         if missing:
@@ -132,10 +132,9 @@ class Predictor:
 
     def _check_cardinalities(self) -> None:
         """Refuse a workflow whose ids outgrew the model's tables (e.g. updated after training)."""
-        spec = getattr(getattr(self.model, "features", None), "spec", None)
-        if spec is not None:  # per-feature tables (ctrflow.models.features): categorical and list features
+        if self.spec is not None:  # per-feature tables (ctrflow.models.features): categorical and list features
             produced = {c.name: c.cardinality for c in self.workflow.output_schema().columns}
-            for f in spec.features:
+            for f in self.spec.features:
                 have = produced.get(f.name)
                 if have is not None and have > f.cardinality:
                     raise RunError(f"column {f.name!r}: the workflow now makes {have} ids, the model's feature has "
