@@ -20,8 +20,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python etl/run.py --overwrite
-	@if [ -f train/fit.py ]; then $(BIN)/python train/fit.py; \
-	else echo "ETL done; training (train/fit.py) is not in this version yet."; fi
+	$(BIN)/python train/fit.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

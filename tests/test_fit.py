@@ -191,3 +191,81 @@ def test_resume_with_the_parquet_loader_is_exact(data, tmp_path):
     assert out["resumed_from"].endswith("ckpt-00000015.pt")
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_stop_and_resume_equals_the_uninterrupted_run(data, tmp_path, capsys):
+    # --stop-after stops without shortening the lr schedule, so stop + --resume is the whole run, bit for bit.
+    import torch
+
+    common = ["--data", str(data), "--no-loader-bench", "--epochs", "2", "--eval-every", "0", *FAST]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*common, "--out", str(whole)]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(parts), "--stop-after", "7"]) == 0
+    out = capsys.readouterr()
+    assert "stopped at step 7 of 24" in out.out
+    assert main([*common, "--out", str(parts), "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "resuming at step 7 of 24 (epoch 0, batch 7 of 12)" in out.err and "resumed from" in out.out
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, parts))
+    assert a["steps"] == b["steps"] == 24 and a["valid"] == b["valid"]
+    wa = torch.load(whole / "checkpoints" / "ckpt-00000024.pt", weights_only=False)["model"]
+    wb = torch.load(parts / "checkpoints" / "ckpt-00000024.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_task_comes_from_the_schema(tmp_path, capsys):
+    d = _write(tmp_path / "reg", label_kind="regression", oracle=False)
+    schema = json.loads((d / "schema.json").read_text())
+    schema["task"] = "regression"  # what etl/run.py --task regression records
+    (d / "schema.json").write_text(json.dumps(schema))
+    assert main(["--data", str(d), "--out", str(tmp_path / "r"), "--no-loader-bench", *FAST]) == 0
+    assert "validation RMSE" in capsys.readouterr().out
+    line = _error(capsys, ["--data", str(d), "--out", str(tmp_path / "b"), "--task", "binary", *FAST])
+    assert "--task binary contradicts" in line and "regression" in line
+    assert not (tmp_path / "b").exists()  # a refused run writes nothing
+
+
+def test_refused_run_leaves_the_run_dir_alone(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(out), "--max-steps", "2", "--no-loader-bench", *FAST]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "already holds checkpoints" in _error(capsys, ["--data", str(data), "--out", str(out), "--model",
+                                                         "tabular", *FAST])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_help_shows_every_default(capsys):
+    from ctrflow.train.fit import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--model", "--epochs", "--optimizer", "--decay", "--grad-accum", "--task", "--seed", "--log-every",
+                 "--valid-batch-size", "--parts-per-chunk", "--no-progress", "--data", "--batch-size"):
+        assert flag in text
+    for shown in ("(default: dlrm)", "(default: 1)", "(default: data/processed)", "(default: 512)",
+                  "(default: adam)", "(default: 512,256)", "(default: 65536)", "(default: cosine)"):
+        assert shown in text, shown
+
+
+def test_help_has_text_for_every_flag():
+    import argparse
+
+    from ctrflow.train import fit
+
+    seen = []
+
+    class Spy(fit._Parser):
+        def parse_args(self, argv=None, namespace=None):  # noqa: D102 - capture the parser, parse nothing
+            seen.append(self)
+            return super().parse_args([], namespace)
+
+    orig = fit._Parser
+    fit._Parser = Spy
+    try:
+        fit.parse_args([])
+    finally:
+        fit._Parser = orig
+    actions = [x for x in seen[0]._actions if not isinstance(x, argparse._HelpAction)]
+    assert actions and all(x.help for x in actions), [x.dest for x in actions if not x.help]

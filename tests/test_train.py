@@ -187,6 +187,31 @@ def test_model_hooks_replace_the_defaults():
     assert out["valid"]["auc"] > 0.7
 
 
+class _LightningHookModel(_HookModel):
+    """Lightning's signatures: ``training_step(self, batch, batch_idx)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.idx = {"train": [], "valid": []}
+
+    def training_step(self, batch, batch_idx):
+        self.idx["train"].append(batch_idx)
+        return super().training_step(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.idx["valid"].append(batch_idx)
+        return super().validation_step(batch)
+
+
+def test_lightning_hook_signatures_get_the_batch_index():
+    cat, cont, y = _data(128)
+    m = _LightningHookModel()
+    out = Trainer(m, **_quiet(epochs=2, decay="none")).fit(TensorLoader(cat, cont, y, 32),
+                                                           TensorLoader(cat, cont, y, 64, shuffle=False))
+    assert m.idx["train"] == [0, 1, 2, 3] * 2 and m.idx["valid"] == [0, 1] * 2
+    assert m.calls["train"] == 8 and out["valid"]["auc"] > 0.6
+
+
 def test_regression_task_reports_rmse(tmp_path):
     cat, cont, _ = _data(128)
     target = 2 * cont[:, 0] + 1

@@ -24,7 +24,10 @@ class TrainConfig:
             :func:`ctrflow.train.optim.build_optimizers`.
         warmup_steps: linear warm-up steps (a value < 1 is a share of the total steps).
         decay: ``cosine``, ``linear`` or ``none`` after the warm-up; ``min_lr_factor`` is its floor.
-        epochs, max_steps: run length (``max_steps`` counts optimizer steps and wins when smaller).
+        epochs, max_steps: run length (``max_steps`` counts optimizer steps and wins when smaller); the
+            learning-rate schedule spans it.
+        stop_after: stop (and checkpoint) once the run reaches this step, leaving the schedule as it is, so
+            that a resumed run continues exactly as the uninterrupted one (None: run to the end).
         grad_accum: batches per optimizer step.
         eval_every: evaluate every N steps (0: only at the end of each epoch).
         log_every: a log line / ``metrics.jsonl`` record every N steps.
@@ -48,6 +51,7 @@ class TrainConfig:
     min_lr_factor: float = 0.0
     epochs: int = 1
     max_steps: int | None = None
+    stop_after: int | None = None
     grad_accum: int = 1
     eval_every: int = 0
     log_every: int = 50
@@ -66,8 +70,9 @@ class TrainConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.epochs < 1 or self.grad_accum < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("epochs, grad_accum, log_every and keep_checkpoints must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("max_steps", "stop_after"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def resolve_device(name: str) -> torch.device:

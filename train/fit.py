@@ -4,8 +4,8 @@ Commands (from the repository root)::
 
     python etl/run.py && python train/fit.py                 # DLRM, 1 epoch on data/processed
     python train/fit.py --model tabular --batch-size 400000 --lr 0.0132 --optimizer adam
-    python train/fit.py --out runs/a --max-steps 100         # ... interrupted? continue with:
-    python train/fit.py --out runs/a --max-steps 100 --resume
+    python train/fit.py --out runs/a --stop-after 100        # stop at step 100 (the schedule is the whole run's)
+    python train/fit.py --out runs/a --resume                # ... continue: same weights as never stopping
     python train/fit.py --resume runs/a --data data/day2     # next day (etl/run.py --update): tables grow
     python train/fit.py --task regression --data DIR         # MSE loss, RMSE metric
     python train/fit.py --amp                                # bfloat16 autocast (CPU with AMX, or GPU)
@@ -42,14 +42,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-# Tuned for one epoch of the embedded generator's 1.8M rows (bench/RESULTS.md, "Training"): Adam on
-# the MLPs, lazy Adam on the tables. Other optimizers get generic defaults.
-DEFAULTS = {
-    "dlrm": {"batch_size": 512, "lr": 1e-3, "embedding_lr": 0.05},
-    "tabular": {"batch_size": 512, "lr": 1e-3, "embedding_lr": 0.05},
-    "lr": {"adagrad": 0.01, "sgd": 0.1},
-    "embedding_lr": {"adagrad": 1.0, "sgd": 1.0},
-}
+# Tuned for one epoch of the embedded generator's 1.8M rows at batch 512 (bench/RESULTS.md, "Training"):
+# Adam on the MLPs, lazy Adam on the tables. The other optimizers get generic defaults.
+LR = {"adam": 1e-3, "adagrad": 0.01, "sgd": 0.1}
+EMBEDDING_LR = {"adam": 0.05, "adagrad": 1.0, "sgd": 1.0}
 
 
 def _ints(text: str) -> list[int]:
@@ -71,62 +67,95 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default (lists comma-joined, as they are typed), unless its help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d is argparse.SUPPRESS:
+            return text
+        shown = ",".join(map(str, d)) if isinstance(d, list) else str(d).replace("%", "%%")
+        return f"{text} (default: {shown})"
+
+
+def prog_name(script: str) -> str:
+    """The command as the user typed it: ``ctrflow-fit`` for the console script, else ``python <script>``."""
+    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if base.startswith("ctrflow-"):
+        return base
+    return f"python {script}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; :class:`UsageError` on bad arguments."""
-    p = _Parser(prog="train/fit.py", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="data/processed", help="processed dataset dir (etl/run.py output)")
-    p.add_argument("--model", choices=("dlrm", "tabular"), default="dlrm")
-    p.add_argument("--batch-size", type=int, default=None, help="default 512 (400000 works too, memory permitting)")
-    p.add_argument("--valid-batch-size", type=int, default=65536)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
-    p.add_argument("--optimizer", choices=("adagrad", "adam", "sgd"), default="adam")
+    p = _Parser(prog=prog_name("train/fit.py"), description=__doc__.split("\n")[0], formatter_class=_Help)
+    p.add_argument("--data", default="data/processed", help="processed dataset dir (etl/run.py's --output)")
+    p.add_argument("--model", choices=("dlrm", "tabular"), default="dlrm",
+                   help="dlrm (torchrec's DLRM) or tabular (fastai's TabularModel)")
+    p.add_argument("--batch-size", type=int, default=512, help="training rows per batch")
+    p.add_argument("--valid-batch-size", type=int, default=65536, help="rows per validation batch")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training split")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="run length in optimizer steps (default: the epochs' steps); the lr schedule ends here")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop (checkpointed) once the run reaches step STEP without shortening the lr "
+                        "schedule; --resume then continues it as if never stopped (default: run to the end)")
+    p.add_argument("--optimizer", choices=("adagrad", "adam", "sgd"), default="adam",
+                   help="rule for the MLPs (and the tables unless --embedding-optimizer)")
     p.add_argument("--lr", type=float, default=None,
-                   help="MLP learning rate (default: adam 1e-3, adagrad 0.01, sgd 0.1)")
+                   help="MLP learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")")
     p.add_argument("--embedding-lr", type=float, default=None,
-                   help="learning rate of the tables (default: adam 0.05, adagrad 1.0, sgd 1.0)")
+                   help="learning rate of the tables (default: "
+                        + ", ".join(f"{k} {v:g}" for k, v in EMBEDDING_LR.items()) + ")")
     p.add_argument("--embedding-optimizer", choices=("adagrad", "adam", "sgd"), default=None,
                    help="rule for the embedding tables (default: --optimizer; row-wise Adagrad / lazy Adam)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up steps (< 1: share of the run)")
-    p.add_argument("--decay", choices=("cosine", "linear", "none"), default="cosine")
+    p.add_argument("--decay", choices=("cosine", "linear", "none"), default="cosine",
+                   help="learning-rate decay after the warm-up")
     p.add_argument("--min-lr-factor", type=float, default=0.1, help="the decay ends at this share of the lr")
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     p.add_argument("--embedding-dim", type=int, default=None,
                    help="DLRM: every table's dim (default 16); tabular: cap of the schema's dims (default 64; "
                         "the seed notebook used 16)")
-    p.add_argument("--layers", type=_ints, default=None,
-                   help="hidden widths: tabular MLP (default 512,256); DLRM top MLP (default 512,256)")
-    p.add_argument("--bottom-layers", type=_ints, default=None, help="DLRM bottom MLP (default 512,256)")
-    p.add_argument("--task", choices=("binary", "regression"), default="binary")
+    p.add_argument("--layers", type=_ints, default=[512, 256],
+                   help="hidden widths: tabular MLP; DLRM top MLP (before its output)")
+    p.add_argument("--bottom-layers", type=_ints, default=[512, 256],
+                   help="DLRM bottom MLP (before its projection to --embedding-dim)")
+    p.add_argument("--task", choices=("binary", "regression"), default=None,
+                   help="loss and metrics (default: the task the ETL recorded in schema.json; binary if none)")
     p.add_argument("--features", default=None, metavar="FILE",
                    help="TOML/JSON embedding options per feature: dims, shared tables, list features and their "
-                        "combiners, initialisers (see ctrflow.models.features)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+                        "combiners, initialisers (see ctrflow.models.features; default: none)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
     p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=("auto", "bf16", "off"),
                    help="bfloat16 autocast: auto = on CUDA only; bare --amp = bf16 on any device")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate (and checkpoint) every N steps; default: 5 times per run; 0: at epoch ends only")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=50, help="a log line and metrics.jsonl record every N steps")
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="also checkpoint every N steps (0: only at evaluations and epoch ends)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--out", default=None, help="run directory (default runs/<model>-<timestamp>)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<timestamp>)")
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue the run in --out (or from a checkpoint file / run dir given here)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--parts-per-chunk", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the shuffle")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--parts-per-chunk", type=int, default=2,
+                   help="row groups the loader reads and shuffles together")
     p.add_argument("--cache", action="store_true",
                    help="keep the decoded training data in memory after epoch 1 (for several --epochs)")
-    p.add_argument("--no-loader-bench", action="store_true", help="skip the loader-alone timing pass")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-loader-bench", action="store_true",
+                   help="skip the loader-alone timing pass after training (it reads the training split once "
+                        "more to print the loader's rows/s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument("--sharded-embeddings", action="store_true",
                    help="torchrun: shard the tables over the ranks with torchrec (needs torchrec)")
     a = p.parse_args(argv)
-    for name in ("valid_batch_size", "epochs", "grad_accum", "log_every", "keep", "parts_per_chunk"):
+    for name in ("batch_size", "valid_batch_size", "epochs", "grad_accum", "log_every", "keep", "parts_per_chunk"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    for name in ("batch_size", "max_steps", "threads", "embedding_dim"):
+    for name in ("max_steps", "stop_after", "threads", "embedding_dim"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:
@@ -157,11 +186,11 @@ def build_model(a: argparse.Namespace, schema: Any, features: Any = None):
     from ctrflow.models import DLRM, TabularModel
 
     if a.model == "tabular":
-        return TabularModel.from_schema(schema, layers=a.layers or [512, 256], max_dim=a.embedding_dim or 64,
+        return TabularModel.from_schema(schema, layers=a.layers, max_dim=a.embedding_dim or 64,
                                         features=features)
     d = a.embedding_dim or 16
-    return DLRM.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*(a.bottom_layers or [512, 256]), d],
-                            over_arch_layer_sizes=[*(a.layers or [512, 256]), 1], features=features)
+    return DLRM.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*a.bottom_layers, d],
+                            over_arch_layer_sizes=[*a.layers, 1], features=features)
 
 
 def _feature_config(a: argparse.Namespace):
@@ -185,6 +214,31 @@ def _run_dir(a: argparse.Namespace) -> str:
     if a.resume and not a.out:
         raise UsageError("--resume needs the run directory: pass --out RUN_DIR (or --resume RUN_DIR)")
     return a.out or os.path.join("runs", f"{a.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _task(flag: str | None, schema: Any, data: str) -> str:
+    """The task: what the ETL recorded in ``schema.json`` (binary when it recorded none); a ``--task`` that
+    contradicts it is a :class:`UsageError` (a binary model on 1-5 ratings trains nothing useful)."""
+    recorded = schema.metadata.get("task")
+    if flag is not None and recorded is not None and flag != recorded:
+        raise UsageError(f"--task {flag} contradicts {os.path.join(data, 'schema.json')}, whose label was "
+                         f"processed for {recorded}: drop --task, or rerun etl/run.py with --task {flag}")
+    return flag or recorded or "binary"
+
+
+def _check_run_dir(a: argparse.Namespace, out: str) -> None:
+    """Refuse a run the trainer would refuse, before ``config.json`` is written: resuming a run with no
+    checkpoint, or starting a new run in a directory that holds one."""
+    from ctrflow.train.checkpoint import CheckpointError, latest_checkpoint
+
+    ckpts = os.path.join(out, "checkpoints")
+    if a.resume:
+        ck = a.resume if isinstance(a.resume, str) and os.path.isfile(a.resume) else None
+        if ck is None and latest_checkpoint(ckpts) is None:
+            raise CheckpointError(f"--resume: no checkpoint in {ckpts}")
+    elif latest_checkpoint(ckpts) is not None:
+        raise CheckpointError(f"{ckpts} already holds checkpoints ({os.path.basename(latest_checkpoint(ckpts))}); "
+                              "pass --resume to continue that run, or use a new --out")
 
 
 def _eval_every(a: argparse.Namespace, make_train) -> int:
@@ -213,13 +267,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     from ctrflow.loader.loader import Loader
     from ctrflow.train import ddp
-    from ctrflow.train.checkpoint import CheckpointError
     from ctrflow.train.trainer import TrainConfig, Trainer, resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     schema = _check_dataset(a.data)
+    a.task = _task(a.task, schema, a.data)
     if a.sharded_embeddings:
         ddp.check_sharded_embeddings()
     device = ddp.init(resolve_device(a.device))  # torchrun: join the process group, take GPU LOCAL_RANK
@@ -229,20 +283,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise UsageError(f"the dataset's schema does not fit --model {a.model}: {e}") from None
     out = _run_dir(a)
-    if a.resume:
-        from ctrflow.train.checkpoint import latest_checkpoint
-
-        ck = a.resume if isinstance(a.resume, str) and os.path.isfile(a.resume) else None
-        if ck is None and latest_checkpoint(os.path.join(out, "checkpoints")) is None:
-            raise CheckpointError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}")
-    tuned = DEFAULTS[a.model]
-    if a.batch_size is None:
-        a.batch_size = tuned["batch_size"]
-    lr = a.lr if a.lr is not None else (tuned["lr"] if a.optimizer == "adam" else DEFAULTS["lr"][a.optimizer])
-    elr = a.embedding_lr
-    if elr is None:
-        emb_opt = a.embedding_optimizer or a.optimizer
-        elr = tuned["embedding_lr"] if emb_opt == "adam" else DEFAULTS["embedding_lr"][emb_opt]
+    _check_run_dir(a, out)  # before anything is written: a refused run changes nothing on disk
+    lr = a.lr if a.lr is not None else LR[a.optimizer]
+    elr = a.embedding_lr if a.embedding_lr is not None else EMBEDDING_LR[a.embedding_optimizer or a.optimizer]
     amp = {"auto": "auto", "bf16": True, "off": False}[a.amp]
     loader_device = device if device.type == "cuda" else "cpu"
     spec = getattr(model, "features", None)
@@ -255,7 +298,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig(
         task=a.task, optimizer=a.optimizer, lr=lr, embedding_lr=elr, embedding_optimizer=a.embedding_optimizer,
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
-        max_steps=a.max_steps, grad_accum=a.grad_accum,
+        max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum,
         eval_every=_eval_every(a, make_train), log_every=a.log_every, checkpoint_every=a.checkpoint_every,
         keep_checkpoints=a.keep, amp=amp, device=str(device), progress=False if a.no_progress else None,
         extra={"argv": {k: v for k, v in vars(a).items()}, "data": os.path.abspath(a.data)},
@@ -314,6 +357,11 @@ def report(s: dict[str, Any], task: str) -> str:
     if s.get("world_size"):
         lines.append(f"data parallel: {s['world_size']} ranks, {s['global_rows']:,} rows, "
                      f"{s['global_rows_per_s']:,.0f} rows/s all ranks")
+    if s.get("resumed_from"):
+        lines.append(f"resumed from {s['resumed_from']}")
+    if s.get("stopped_at"):
+        lines.append(f"stopped at step {s['stopped_at']} of {s['total_steps']} (--stop-after): "
+                     f"continue with --out {s['run_dir']} --resume")
     lines.append(f"run dir: {s['run_dir']}  checkpoint: {s['checkpoint']}")
     return "\n".join(lines)
 

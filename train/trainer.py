@@ -4,8 +4,9 @@ A model is called as ``model(batch.categorical, batch.continuous)`` (or ``model(
 tuple batch whose last item is the label) and returns logits. A model may instead define seed 000's
 hooks, which then replace the defaults:
 
-* ``training_step(batch) -> loss`` (a tensor, or a dict with ``"loss"``),
-* ``validation_step(batch) -> dict`` with ``"loss"`` and/or ``"logits"`` + ``"label"`` (metrics need
+* ``training_step(batch) -> loss`` (a tensor, or a dict with ``"loss"``); Lightning's
+  ``training_step(batch, batch_idx)`` works too (``batch_idx``: the batch's index in its epoch),
+* ``validation_step(batch) -> dict`` (or ``validation_step(batch, batch_idx)``) with ``"loss"`` and/or ``"logits"`` + ``"label"`` (metrics need
   the latter), or a ``(logits, label)`` tuple,
 * ``configure_optimizers() -> optimizer | list``; ``configure_lr_scheduler(optimizers)`` -> a
   scheduler (or list) stepped once per optimizer step, replacing the built-in warm-up + decay.
@@ -18,6 +19,7 @@ the ranks in step (gradient sync, gathered metrics); only rank 0 logs and writes
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -119,10 +121,10 @@ class Trainer(Resumable):
             return F.binary_cross_entropy_with_logits(logits, y)
         return F.mse_loss(logits, y)
 
-    def training_step(self, batch: Any) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int = 0) -> torch.Tensor:
         with self._autocast():
             if hasattr(self.model, "training_step"):
-                loss = self.model.training_step(batch)
+                loss = _call_hook(self.model.training_step, batch, batch_idx)
                 return loss["loss"] if isinstance(loss, dict) else loss
             return self._loss(*self._forward(batch))
 
@@ -176,11 +178,11 @@ class Trainer(Resumable):
         metrics = BinaryMetrics(gather=gather) if self.cfg.task == "binary" else RegressionMetrics(gather=gather)
         loss_sum, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
         try:
-            for batch in loader:
+            for batch_idx, batch in enumerate(loader):
                 batch = self._to_device(batch)
                 with self._autocast():
                     if hasattr(self.model, "validation_step"):
-                        res = self.model.validation_step(batch)
+                        res = _call_hook(self.model.validation_step, batch, batch_idx)
                         if isinstance(res, tuple):
                             res = {"logits": res[0], "label": res[1]}
                         elif torch.is_tensor(res):
@@ -211,9 +213,10 @@ class Trainer(Resumable):
         for t in self._trackers:
             t.log(record)
 
-    def _say(self, bar: ProgressBar, text: str) -> None:
+    def _say(self, bar: ProgressBar | None, text: str) -> None:
         if self.cfg.verbose and self.is_main:
-            bar.clear()
+            if bar is not None:
+                bar.clear()
             print(text, file=sys.stderr, flush=True)
 
     def fit(self, train: Any, valid: Any = None, resume: str | bool = False) -> dict[str, Any]:
@@ -255,6 +258,10 @@ class Trainer(Resumable):
                 self._trackers.append(tb)
         if resumed:
             self._log({"kind": "resume", "step": self.step, "epoch": self.epoch, "checkpoint": resumed})
+            self._say(None, f"resuming at step {self.step} of {self.total_steps} (epoch {self.epoch}, batch "
+                      f"{self.batch_in_epoch} of {per_epoch}) from {resumed}")
+        # --stop-after: where this process stops; the schedule still spans total_steps.
+        stop = min(self.total_steps, cfg.stop_after) if cfg.stop_after else self.total_steps
         bar = ProgressBar(self.total_steps, enabled=cfg.progress if self.is_main else False)
         self.model.train()
         rows_total, wait_total, t_start = 0, 0.0, time.perf_counter()
@@ -265,7 +272,7 @@ class Trainer(Resumable):
         eval_step = -1
         boundary = self.batch_in_epoch
         try:
-            while self.epoch < cfg.epochs and self.step < self.total_steps:
+            while self.epoch < cfg.epochs and self.step < stop:
                 if hasattr(train, "set_epoch"):
                     train.set_epoch(self.epoch)
                 skip = self.batch_in_epoch
@@ -277,7 +284,7 @@ class Trainer(Resumable):
                     next(it)
                 micro = 0
                 boundary = self.batch_in_epoch
-                while self.step < self.total_steps:
+                while self.step < stop:
                     t0 = time.perf_counter()
                     batch = next(it, None)
                     wait_total += time.perf_counter() - t0
@@ -290,8 +297,8 @@ class Trainer(Resumable):
                         else:
                             self.model.check_input(batch.categorical, batch.continuous)
                         checked_first = True
+                    loss = self.training_step(batch, self.batch_in_epoch)
                     self.batch_in_epoch += 1
-                    loss = self.training_step(batch)
                     (loss / cfg.grad_accum).backward()
                     rows = len(batch) if hasattr(batch, "__len__") else 0
                     rows_total += rows
@@ -330,7 +337,7 @@ class Trainer(Resumable):
                     ckpt_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                     if ckpt_due or eval_step == self.step:
                         self.save()
-                if self.step < self.total_steps or self.batch_in_epoch >= per_epoch:
+                if self.step < stop or self.batch_in_epoch >= per_epoch:  # the epoch's batches ran out
                     self.epoch += 1
                     self.batch_in_epoch = boundary = 0
                     if valid is not None and eval_step != self.step:
@@ -356,12 +363,17 @@ class Trainer(Resumable):
                 t.close()
             self._trackers = []
         seconds = time.perf_counter() - t_start
+        stopped = self.step < self.total_steps and self.epoch < cfg.epochs
+        if stopped:
+            self._say(None, f"stopped at step {self.step} of {self.total_steps} (stop_after); "
+                      f"resume to continue: {self.last_checkpoint}")
         if self.out_dir and cfg.plot and self.is_main:
             self.plot(os.path.join(self.out_dir, "curve.png"))
         return {"steps": self.step, "epochs": self.epoch, "rows": rows_total, "seconds": seconds,
                 "rows_per_s": rows_total / seconds if seconds else float("nan"),
                 "loader_wait_s": wait_total, "valid": last_valid,
-                "checkpoint": self.last_checkpoint, "resumed_from": resumed}
+                "checkpoint": self.last_checkpoint, "resumed_from": resumed,
+                "stopped_at": self.step if stopped else None, "total_steps": self.total_steps}
 
     def _run_eval(self, valid: Any, bar: ProgressBar) -> dict[str, float]:
         self._check_finite()
@@ -377,3 +389,15 @@ class Trainer(Resumable):
     def plot(self, path: str) -> str:
         """Write the loss / AUC (or RMSE) curve of this run's history as a PNG."""
         return plot_history(path, self.history, "auc" if self.cfg.task == "binary" else "rmse")
+
+
+def _call_hook(hook: Any, batch: Any, batch_idx: int) -> Any:
+    """Call a model's ``training_step`` / ``validation_step`` as seed 000 (``(batch)``) or Lightning
+    (``(batch, batch_idx)``) writes it, by the number of positional parameters it takes."""
+    try:
+        params = inspect.signature(hook).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: the plain convention
+        return hook(batch)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_more = any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2
+    return hook(batch, batch_idx) if takes_more else hook(batch)
