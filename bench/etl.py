@@ -3,10 +3,13 @@
 Both run NVTabular's Criteo workflow: ``Categorify(freq_threshold=2)`` on C1..C26, ``FillMissing ->
 Clip(min_value=0) -> LogOp -> Normalize`` on I1..I13, ``label`` passed through (ctrflow: ``Label()``,
 which also validates it and casts it to float32, as ``etl/run.py`` does). Each fits on the
-raw train split, then transforms and writes train and valid to its own directory under
-``bench/out``. Raw data: the embedded generator (``ctrflow.etl.synthetic.generate``), written once
-to ``bench/out/etl-raw-<rows>`` and reused. ``--rows`` counts raw rows (train + valid, valid = 10%);
-rows/s = rows transformed and written / (fit + transform + write seconds).
+raw train split, then transforms and writes train and valid to its own directory in a scratch
+directory under the cache (``CACHE/bench/.scratch-etl-*``, removed at the end). Raw data: the embedded
+generator (``ctrflow.etl.synthetic.generate``), written once to
+``CACHE/bench/etl-raw-<rows>-seed<seed>-part<part_rows>-v<generator version>`` and reused; CACHE is
+``--cache-dir``, else ``$CTRFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/ctrflow`` or ``~/.cache/ctrflow``.
+``--rows`` counts raw rows (train + valid, valid = 10%); rows/s = rows transformed and written /
+(fit + transform + write seconds).
 
 NVTabular runs in its own pinned venv (``bench/baselines/nvtabular_venv.sh``, built on first use)
 through ``bench/baselines/nvt_etl.py``; ctrflow runs in this process. Afterwards both outputs are
@@ -15,8 +18,8 @@ categorical ids exactly; where ids differ the comparison says whether they are t
 order of equal-frequency values (NVTabular orders those with an unstable quicksort).
 
 Usage:
-    python bench/etl.py                      # 2M rows, both systems, table + bench/out/etl.json
-    python bench/etl.py --rows 200000 --profile   # + cProfile of ctrflow (bench/out/etl-ctrflow.prof)
+    python bench/etl.py                      # 2M rows, both systems, table + CACHE/bench/etl.json
+    python bench/etl.py --rows 200000 --profile --json r/etl.json   # + cProfile of ctrflow: r/etl-ctrflow.prof
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrflow.bench.machine import describe_machine
+from ctrflow.bench.paths import add_output_args, announce, bench_dir, json_path, scratch, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "bench", "out")
 CATS = [f"C{i}" for i in range(1, 27)]
 CONTS = [f"I{i}" for i in range(1, 14)]
 LABEL = "label"
@@ -49,22 +52,33 @@ SPLITS = ("train", "valid")
 
 
 # ---- machine and data -------------------------------------------------------------------------
-def raw_data(rows: int, seed: int, part_rows: int, raw: str | None) -> tuple[str, float | None]:
-    """Directory of raw train/valid parquet: ``raw`` as given, else generated once and reused.
+def raw_data(rows: int, seed: int, part_rows: int, raw: str | None,
+             cache: str | None = None) -> tuple[str, float | None]:
+    """Directory of raw train/valid parquet: ``raw`` as given, else generated once into the cache and reused.
+
+    Args:
+        rows: raw rows, train + valid.
+        seed: generator seed.
+        part_rows: rows per raw parquet file.
+        raw: a directory the user brought (returned as is), or None.
+        cache: the ``--cache-dir`` value, or None for the environment's default.
 
     Returns:
         (directory, seconds spent generating or None when reused).
     """
     if raw:
         return raw, None
-    path = os.path.join(OUT, f"etl-raw-{rows}")
-    if os.path.exists(os.path.join(path, "synthetic.json")):
-        return path, None
-    from ctrflow.etl.synthetic import generate
+    from ctrflow.etl.synthetic import VERSION, generate
 
-    print(f"generating {rows:,} raw rows into {path} (once)", file=sys.stderr)
+    # Keyed by everything that changes the bytes, so a cache is reused only for the same data.
+    path = bench_dir(cache, f"etl-raw-{rows}-seed{seed}-part{part_rows}-v{VERSION}")
+    if os.path.exists(os.path.join(path, "synthetic.json")):  # written last: its presence means complete
+        announce(path, reused=True)
+        return path, None
+    print(f"generating {rows:,} raw rows (once) ...", file=sys.stderr)
     t0 = time.perf_counter()
     generate(path, rows=rows, seed=seed, valid_fraction=0.1, part_rows=part_rows)
+    announce(path, reused=False)
     return path, time.perf_counter() - t0
 
 
@@ -264,32 +278,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--part-rows", type=int, default=500_000, help="rows per raw parquet file (default 500,000)")
     p.add_argument("--raw", help="use this raw directory (train/ and valid/ parquet) instead of generating")
-    p.add_argument("--json", default=os.path.join(OUT, "etl.json"), help="result JSON (default bench/out/etl.json)")
+    add_output_args(p, "etl")
     p.add_argument("--skip-nvtabular", action="store_true", help="run ctrflow only")
     p.add_argument("--skip-ctrflow", action="store_true", help="run NVTabular only")
     p.add_argument("--no-compare", action="store_true", help="skip reading the outputs back")
     p.add_argument("--repeat", type=int, default=1, help="runs per system; the table shows the fastest (default 1)")
     p.add_argument("--profile", action="store_true",
-                   help="extra ctrflow run, synchronous scheduler under cProfile (bench/out/etl-ctrflow.prof)")
+                   help="extra ctrflow run, synchronous scheduler under cProfile (stats beside the JSON: "
+                        "<json minus .json>-ctrflow.prof)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark: table on stdout, JSON where ``--json`` says; returns the exit status."""
     a = parse_args(argv)
     if a.repeat < 1 or a.rows < 2:
         print("error: --repeat must be >= 1 and --rows >= 2", file=sys.stderr)
         return 2
-    os.makedirs(OUT, exist_ok=True)
-    raw, gen_s = raw_data(a.rows, a.seed, a.part_rows, a.raw)
+    raw, gen_s = raw_data(a.rows, a.seed, a.part_rows, a.raw, a.cache_dir)
     raw_files = [f for s in SPLITS for f in parquet_files(os.path.join(raw, s))]
     if not raw_files:
         print(f"error: no raw parquet under {raw}/train and {raw}/valid", file=sys.stderr)
         return 2
+    # The processed outputs are only timed and compared: scratch, removed however the run ends.
+    with scratch(a.cache_dir, "etl") as work:
+        return _run(a, argv, raw, gen_s, raw_files, work)
+
+
+def _run(a: argparse.Namespace, argv: list[str] | None, raw: str, gen_s: float | None, raw_files: list[str],
+         work: str) -> int:
+    """The timed runs, the comparison and the report; outputs go under ``work``."""
     raw_rows = {s: sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(os.path.join(raw, s)))
                 for s in SPLITS}
     warm_page_cache(raw_files)
-    suffix = os.path.basename(os.path.normpath(raw)).replace("etl-raw-", "")
-    outs = {name: os.path.join(OUT, f"etl-{name}-{suffix}") for name in ("nvtabular", "ctrflow")}
+    outs = {name: os.path.join(work, f"etl-{name}") for name in ("nvtabular", "ctrflow")}
+    out_json = json_path(a, "etl")
     runs: list[dict[str, Any]] = []
     load_before = os.getloadavg()
     try:
@@ -314,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "all_runs": runs,
     }
     if a.profile and not a.skip_ctrflow:
-        prof = os.path.join(OUT, "etl-ctrflow.prof")
+        prof = os.path.splitext(out_json)[0] + "-ctrflow.prof"  # kept: the user asked for it
+        os.makedirs(os.path.dirname(prof), exist_ok=True)
         print("profiling ctrflow (synchronous scheduler, cProfile) ...", file=sys.stderr)
         report["profile"] = {k: v for k, v in run_ctrflow(raw, outs["ctrflow"], prof).items()
                              if k in ("fit_s", "transform_write_s", "cpu_s")}
@@ -341,10 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['continuous_close']}/13 close (max |diff| {s['continuous_max_abs_diff']:.2e}); "
                   f"embedding sizes: {len(c['embedding_size_differences']) or 'all'} "
                   f"{'differ' if c['embedding_size_differences'] else 'equal'}")
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {a.json}")
+    write_json(out_json, report)
     return 0
 
 

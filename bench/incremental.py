@@ -1,7 +1,11 @@
 """Incremental days: train day by day with ``--update`` / ``--resume`` vs. once on all days.
 
 The embedded generator's training rows (``etl/synthetic.py``, seed 0) are split into ``--days``
-files in row order (one day each); the validation split is the same for every system.
+files in row order (one day each); the validation split is the same for every system. The raw days
+are generated once into ``CACHE/bench/incremental-raw-<rows>-seed<seed>-days<days>-v<version>`` and
+reused (CACHE: ``--cache-dir``, else ``$CTRFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/ctrflow`` or
+``~/.cache/ctrflow``); the processed days and training runs go to ``--work`` when given (kept), else
+to a scratch directory under CACHE/bench that is removed at the end.
 
 - ``incremental``: ``etl/run.py`` on day 1, ``train/fit.py`` on it; then for each later day
   ``etl/run.py --update PREV --input DAY`` (stats merged, ids kept, new categories appended) and
@@ -16,7 +20,7 @@ day minus the mean over the last ``--window`` steps of the day before (the all-a
 over the same steps, which sees no switch, is printed beside it).
 
 Usage:
-    python bench/incremental.py                       # 1M rows, 4 days: table + bench/out/incremental.json
+    python bench/incremental.py                       # 1M rows, 4 days: table + CACHE/bench/incremental.json
     python bench/incremental.py --rows 2000000 --days 4 --threads 2
 """
 
@@ -31,15 +35,14 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from ctrflow.bench.machine import describe_machine  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "bench", "out")
+from ctrflow.bench.paths import add_output_args, announce, bench_dir, json_path, scratch, write_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decay", type=float, default=None, help="--decay of every update (default none)")
     p.add_argument("--window", type=int, default=50, help="steps averaged on each side of a switch")
-    p.add_argument("--work", default=os.path.join(OUT, "incremental"), help="scratch directory (replaced)")
-    p.add_argument("--json", default=os.path.join(OUT, "incremental.json"))
+    p.add_argument("--work", default=None,
+                   help="keep the processed days and runs here (replaced); default: a scratch directory, removed")
+    add_output_args(p, "incremental")
     a = p.parse_args(argv)
     if a.days < 2:
         p.error("--days must be >= 2")
@@ -81,36 +85,75 @@ def _window(losses: dict[int, float], lo: int, hi: int) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = parse_args(argv)
+def raw_days(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The raw data, one training file per day: generated once into the cache, then reused.
+
+    Args:
+        a: parsed arguments (rows, seed, days, cache_dir).
+
+    Returns:
+        (raw directory, the generator's metadata).
+    """
     from ctrflow.etl import synthetic
+
+    raw = bench_dir(a.cache_dir, f"incremental-raw-{a.rows}-seed{a.seed}-days{a.days}-v{synthetic.VERSION}")
+    meta_path = os.path.join(raw, "synthetic.json")  # written last: present means complete
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        announce(raw, reused=True)
+        return raw, meta
+    train_rows = a.rows - int(round(a.rows * 0.1))
+    t = time.perf_counter()
+    meta = synthetic.generate(raw, rows=a.rows, seed=a.seed, part_rows=-(-train_rows // a.days))
+    print(f"generated {a.rows:,} rows in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    announce(raw, reused=False)
+    return raw, meta
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark: tables on stdout, JSON where ``--json`` says.
+
+    Args:
+        argv: arguments without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The report that was written as JSON.
+    """
+    a = parse_args(argv)
+    if a.work:  # the user asked to keep the outputs
+        if os.path.exists(a.work):
+            shutil.rmtree(a.work)
+        return _run(a, a.work)
+    with scratch(a.cache_dir, "incremental") as work:
+        return _run(a, work)
+
+
+def _run(a: argparse.Namespace, work: str) -> dict[str, Any]:
+    """Both systems on the cached raw days; processed days and runs under ``work``."""
     from ctrflow.etl.run import main as etl
     from ctrflow.etl.schema import Schema
     from ctrflow.train.fit import main as fit
 
     machine = describe_machine()
-    if os.path.exists(a.work):
-        shutil.rmtree(a.work)
-    raw = os.path.join(a.work, "raw")
+    raw, meta = raw_days(a)
     train_rows = a.rows - int(round(a.rows * 0.1))
-    t = time.perf_counter()
-    meta = synthetic.generate(raw, rows=a.rows, seed=a.seed, part_rows=-(-train_rows // a.days))
     days = sorted(os.path.join(raw, "train", f) for f in os.listdir(os.path.join(raw, "train")))
     assert len(days) == a.days, days
     valid = os.path.join(raw, "valid")
-    print(f"generated {a.rows:,} rows in {time.perf_counter() - t:.1f} s: {a.days} days of ~{train_rows // a.days:,} "
-          f"train rows, {a.rows - train_rows:,} valid rows; oracle valid AUC {meta['oracle']['valid_auc']:.5f}")
+    print(f"{a.days} days of ~{train_rows // a.days:,} train rows, {a.rows - train_rows:,} valid rows; "
+          f"oracle valid AUC {meta['oracle']['valid_auc']:.5f}")
 
     fit_args = ["--model", a.model, "--batch-size", str(a.batch_size), "--threads", str(a.threads),
                 "--eval-every", "0", "--log-every", "1", "--no-progress", "--no-loader-bench", "--seed", str(a.seed)]
     etl_args = ["--valid", valid, "--no-progress"]
-    res: dict[str, Any] = {"machine": machine, "args": vars(a), "oracle": meta["oracle"], "days": []}
+    res: dict[str, Any] = {"machine": machine, "args": vars(a), "raw": raw, "oracle": meta["oracle"], "days": []}
 
     # (a) day by day
-    run_a = os.path.join(a.work, "run-incremental")
+    run_a = os.path.join(work, "run-incremental")
     prev = None
     for d, day in enumerate(days, 1):
-        out = os.path.join(a.work, f"day{d}")
+        out = os.path.join(work, f"day{d}")
         if prev is None:
             etl_s = _quiet(etl, ["--input", day, "--output", out, *etl_args])
             fit_s = _quiet(fit, ["--data", out, "--out", run_a, *fit_args])
@@ -123,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         schema = Schema.load(out)
         refit_s = None
         if d > 1:  # the baseline ETL: refit on every day so far
-            refit_s = _quiet(etl, ["--input", *days[:d], "--output", os.path.join(a.work, "refit"), "--overwrite",
+            refit_s = _quiet(etl, ["--input", *days[:d], "--output", os.path.join(work, "refit"), "--overwrite",
                                    *etl_args])
         res["days"].append({
             "day": d, "etl_s": etl_s, "refit_etl_s": refit_s, "fit_s": fit_s, "steps": s["steps"],
@@ -137,8 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prev = out
 
     # (b) all days at once
-    run_b = os.path.join(a.work, "run-all")
-    full = os.path.join(a.work, "all")
+    run_b = os.path.join(work, "run-all")
+    full = os.path.join(work, "all")
     etl_b = _quiet(etl, ["--input", *days, "--output", full, *etl_args])
     fit_b = _quiet(fit, ["--data", full, "--out", run_b, *fit_args])
     with open(os.path.join(run_b, "summary.json")) as f:
@@ -156,10 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["switches"].append({"to_day": d + 1, "step": s, "before": before, "after": after, "spike": after - before,
                                 "all_before": _window(lb, s - w, s), "all_after": _window(lb, s, s + w)})
     _print_table(res)
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {a.json}")
+    write_json(json_path(a, "incremental"), res)
     return res
 
 

@@ -16,14 +16,16 @@ categoricals, 13 float32, a float32 label, plus 2 ``list<int32>`` columns whose 
   shared table). samples/s over ``--steps`` steps after ``--warmup``.
 
 Usage:
-    python bench/lists.py                       # 1M rows; table + bench/out/lists.json
+    python bench/lists.py                       # 1M rows; table + CACHE/bench/lists.json
+
+Data: generated once into ``CACHE/bench/lists-data-<rows>-seed0-v<version>`` and reused; CACHE is
+``--cache-dir``, else ``$CTRFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/ctrflow`` or ``~/.cache/ctrflow``.
     python bench/lists.py --rows 2000000 --repeat 3 --steps 50
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -38,11 +40,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from ctrflow.bench.machine import describe_machine  # noqa: E402
+from ctrflow.bench.paths import add_output_args, announce, bench_dir, json_path, write_json  # noqa: E402
 from ctrflow.etl.schema import ColumnSchema, Schema  # noqa: E402
 from ctrflow.loader import Loader  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "bench", "out")
+DATA_VERSION = 1  # bump when generate()'s output for the same arguments changes: the cache keys on it
 LISTS = ("hist_a", "hist_b")
 LIST_CARD = 100_000 + 3
 MAX_LEN = 100
@@ -52,6 +54,7 @@ def generate(directory: str, rows: int, files: int = 4, row_group: int = 262144,
     """Criteo-shaped processed parquet with 2 list columns + schema.json (temp dir, then renamed)."""
     rng = np.random.default_rng(seed)
     cards = [int(10 ** rng.uniform(1, 5)) for _ in range(26)]
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".tmp-lists-data-")
     bounds = np.linspace(0, rows, files + 1).astype(int)
     for f in range(files):
@@ -166,15 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--json", default=os.path.join(OUT, "lists.json"))
+    add_output_args(p, "lists")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    directory = os.path.join(OUT, f"lists-data-{a.rows}")
-    if not os.path.exists(os.path.join(directory, "schema.json")):
-        os.makedirs(OUT, exist_ok=True)
+    directory = bench_dir(a.cache_dir, f"lists-data-{a.rows}-seed0-v{DATA_VERSION}")
+    reused = os.path.exists(os.path.join(directory, "schema.json"))  # renamed into place: present = complete
+    if not reused:
         t = time.perf_counter()
         generate(directory, a.rows)
-        print(f"generated {a.rows} rows in {directory} ({time.perf_counter() - t:.0f}s)", file=sys.stderr)
+        print(f"generated {a.rows} rows in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    announce(directory, reused)
     for f in sorted(os.listdir(directory)):  # page cache
         with open(os.path.join(directory, f), "rb") as fh:
             while fh.read(1 << 24):
@@ -211,11 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['samples_per_s'] / tbase:.2f}x |")
     machine = describe_machine()
     print(f"\nmachine: {machine['cpu']}, {machine['cores']} cores, load {machine['load_avg']}")
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json + ".tmp", "w") as f:
-        json.dump({"args": vars(a), "lists": stats, "loader": best, "train": train, "machine": machine,
-                   "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}, f, indent=2)
-    os.replace(a.json + ".tmp", a.json)
+    write_json(json_path(a, "lists"), {"args": vars(a), "data": directory, "lists": stats, "loader": best,
+                                       "train": train, "machine": machine,
+                                       "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     return 0
 
 

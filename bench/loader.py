@@ -22,13 +22,15 @@ best kept (the machine may
 be shared; the load average is recorded). Besides wall-clock rows/s the table gives rows per
 CPU-second of the process (all its threads), which a busy machine disturbs much less.
 Data: ``--data DIR`` (a processed directory with ``schema.json``), else Criteo-shaped rows
-generated once into ``bench/out/loader-data-<rows>-<compression>-etl2`` (26 int32 categoricals with
+generated once into ``CACHE/bench/loader-data-<rows>-<compression>-etl2`` and reused (CACHE:
+``--cache-dir``, else ``$CTRFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/ctrflow`` or ``~/.cache/ctrflow``;
+26 int32 categoricals with
 power-law ids, 13 float32, a float32 label; 8 files, 256k-row groups; written as ``etl/run.py`` writes:
 REQUIRED columns, one plain page per column chunk by default, ``--compression snappy`` for dictionary +
 snappy pages).
 
 Usage:
-    python bench/loader.py                        # 4M rows, all systems, table + bench/out/loader.json
+    python bench/loader.py                        # 4M rows, all systems, table + CACHE/bench/loader.json
     python bench/loader.py --data data/processed/train --rows 0
     python bench/loader.py --device cuda          # ctrflow's GPU path (on a GPU machine)
 """
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 import tempfile
@@ -51,12 +52,10 @@ import torch
 
 from ctrflow.bench.loader_baselines import merlin, torch_dataloader
 from ctrflow.bench.machine import describe_machine
+from ctrflow.bench.paths import add_output_args, announce, bench_dir, json_path, write_json
 from ctrflow.etl.parquet_layout import mark_required, write_options
 from ctrflow.etl.schema import ColumnSchema, Schema, SchemaError
 from ctrflow.loader import Loader
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "bench", "out")
 
 
 # ---- machine and data -------------------------------------------------------------------------
@@ -65,6 +64,7 @@ def generate(directory: str, rows: int, files: int = 8, row_group: int = 262144,
     """Criteo-shaped processed parquet + schema.json (written to a temp dir, then renamed)."""
     rng = np.random.default_rng(seed)
     cards = [int(10 ** rng.uniform(1, 7)) for _ in range(26)]
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".tmp-loader-data-")
     bounds = np.linspace(0, rows, files + 1).astype(int)
     for f in range(files):
@@ -97,12 +97,13 @@ def bench_data(args: argparse.Namespace) -> tuple[str, Schema]:
         directory = args.data
     else:
         # "-etl2": the ETL's layout since 2026-11-23 (REQUIRED columns, one plain page per column chunk).
-        directory = os.path.join(OUT, f"loader-data-{args.rows}-{args.compression}-etl2")
-        if not os.path.exists(os.path.join(directory, "schema.json")):
-            os.makedirs(OUT, exist_ok=True)
+        directory = bench_dir(args.cache_dir, f"loader-data-{args.rows}-{args.compression}-etl2")
+        reused = os.path.exists(os.path.join(directory, "schema.json"))  # renamed into place: present = complete
+        if not reused:
             t = time.perf_counter()
             generate(directory, args.rows, compression=args.compression)
-            print(f"generated {args.rows} rows in {directory} ({time.perf_counter() - t:.0f}s)", file=sys.stderr)
+            print(f"generated {args.rows} rows in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        announce(directory, reused)
     try:
         schema = Schema.load(directory if os.path.exists(os.path.join(directory, "schema.json"))
                              else os.path.dirname(os.path.abspath(directory)))
@@ -189,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataloader-seconds", type=float, default=20.0)
     p.add_argument("--skip", default="", help="comma list of: merlin, dataloader")
     p.add_argument("--build-venv", action="store_true", help="build the NVTabular venv if it is missing")
-    p.add_argument("--json", default=os.path.join(OUT, "loader.json"))
+    add_output_args(p, "loader")
     return p.parse_args(argv)
 
 
@@ -265,10 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["goals"] = goals(results)
     print(table(report))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(args.json + ".tmp", args.json)
+    write_json(json_path(args, "loader"), report)
     return 0
 
 

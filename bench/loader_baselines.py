@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -14,7 +15,8 @@ import torch
 from ctrflow.etl.schema import Schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NVT_VENV = os.path.join(ROOT, "bench", ".venvs", "nvtabular")
+# The venv nvtabular_venv.sh builds; it honours $NVT_VENV, so this does too.
+NVT_VENV = os.environ.get("NVT_VENV") or os.path.join(ROOT, "bench", ".venvs", "nvtabular")
 NVT_SCRIPT = os.path.join(ROOT, "bench", "baselines", "nvtabular_venv.sh")
 
 
@@ -89,7 +91,8 @@ print("RESULT " + json.dumps(out))
 def merlin(files: list[str], schema: Schema, batch_size: int, repeat: int, build: bool) -> dict[str, Any]:
     py = os.path.join(NVT_VENV, "bin", "python")
     if build:
-        r = subprocess.run(["bash", NVT_SCRIPT], capture_output=True, text=True)
+        r = subprocess.run(["bash", NVT_SCRIPT], capture_output=True, text=True,
+                           env={**os.environ, "NVT_VENV": NVT_VENV})
         if r.returncode != 0:
             return {"skipped": f"{NVT_SCRIPT} failed: {r.stderr.strip().splitlines()[-1:]}"}
         py = r.stdout.strip().splitlines()[-1]
@@ -97,7 +100,11 @@ def merlin(files: list[str], schema: Schema, batch_size: int, repeat: int, build
         return {"skipped": f"no NVTabular venv at {NVT_VENV} (run: bash {os.path.relpath(NVT_SCRIPT, ROOT)})"}
     arg = {"files": files, "cats": schema.categorical, "conts": schema.continuous, "labels": schema.label[:1],
            "batch_size": batch_size, "repeat": repeat}
-    r = subprocess.run([py, "-c", MERLIN_SCRIPT, json.dumps(arg)], capture_output=True, text=True)
+    # Its own venv (nothing of ours may leak in) and a throw-away cwd (Dask may leave files in the cwd).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    with tempfile.TemporaryDirectory(prefix="ctrflow-merlin-") as cwd:
+        r = subprocess.run([py, "-c", MERLIN_SCRIPT, json.dumps(arg)], capture_output=True, text=True, env=env,
+                           cwd=cwd)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
         return {"skipped": f"merlin run failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"}

@@ -1,12 +1,16 @@
 """Scale-out benchmark: ``etl/run.py`` single-process vs on a local Dask cluster of 1, 2, ... workers.
 
 Every configuration runs the same command on the same raw data (the ETL benchmark's Criteo-shaped
-generator output, ``bench/out/etl-raw-<rows>``, created once by ``bench/etl.py``'s ``raw_data``):
+generator output, ``CACHE/bench/etl-raw-<rows>-...``, created once by ``bench/etl.py``'s ``raw_data``;
+CACHE is ``--cache-dir``, else ``$CTRFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/ctrflow`` or ``~/.cache/ctrflow``):
 ``python etl/run.py --input RAW/train --valid RAW/valid --format parquet --output OUT --no-progress``
 plus ``--workers N`` for the cluster runs, each in a fresh process. Reported per configuration: the
 ETL's own fit and transform+write seconds (from the output's ``schema.json``), rows/s over train +
 valid, the wall time of the whole process (interpreter start, cluster start and stop included), and
-the speed-up over the single-process run. Configurations alternate run by run so that background
+the speed-up over the single-process run. The single-process output is kept in
+``CACHE/bench/scale-single-<raw>-<hash>`` (``--skip-etl`` trains on it again); the cluster outputs and
+training runs go to a scratch directory under CACHE/bench, removed at the end. Configurations
+alternate run by run so that background
 load hits them alike; the table shows each one's fastest run. The outputs' schemas and fitted
 statistics are compared across configurations (they must be identical).
 
@@ -24,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -33,20 +38,24 @@ import time
 from typing import Any
 
 from ctrflow.bench.machine import describe_machine
+from ctrflow.bench.paths import add_output_args, bench_dir, json_path, scratch, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "bench", "out")
 
 
-def run_etl(raw: str, out: str, workers: int | None) -> dict[str, Any]:
-    """One ``etl/run.py`` process; its timings (from schema.json) and wall seconds."""
+def run_etl(raw: str, out: str, workers: int | None, cwd: str) -> dict[str, Any]:
+    """One ``etl/run.py`` process in ``cwd`` (a scratch directory: Dask may leave files in the cwd).
+
+    Returns:
+        Its timings (from schema.json), wall seconds, rows/s and an identity string of its outputs.
+    """
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "etl", "run.py"), "--input", os.path.join(raw, "train"),
            "--valid", os.path.join(raw, "valid"), "--format", "parquet", "--output", out, "--no-progress"]
     if workers:
         cmd += ["--workers", str(workers)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
@@ -62,8 +71,8 @@ def run_etl(raw: str, out: str, workers: int | None) -> dict[str, Any]:
             "_identity": json.dumps([schema["columns"], rows, fitted], sort_keys=True)}
 
 
-def run_fit(data: str, ranks: int, steps: int, batch: int, out: str) -> dict[str, Any]:
-    """``train/fit.py`` on ``data`` with ``ranks`` processes (torchrun when > 1); samples/s of the job."""
+def run_fit(data: str, ranks: int, steps: int, batch: int, out: str, cwd: str) -> dict[str, Any]:
+    """``train/fit.py`` on ``data`` with ``ranks`` processes (torchrun when > 1), run in ``cwd``; samples/s."""
     import socket
 
     shutil.rmtree(out, ignore_errors=True)
@@ -82,7 +91,7 @@ def run_fit(data: str, ranks: int, steps: int, batch: int, out: str) -> dict[str
     else:
         cmd = [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -125,22 +134,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-ranks", type=int, nargs="*", default=[], help="also time fit.py with these rank counts")
     p.add_argument("--train-steps", type=int, default=120, help="optimizer steps per training run (default 120)")
     p.add_argument("--train-batch", type=int, default=4096, help="rows per rank and step (default 4096)")
-    p.add_argument("--skip-etl", action="store_true", help="reuse bench/out/scale-single, time training only")
-    p.add_argument("--json", default=os.path.join(OUT, "scale.json"), help="result JSON (default bench/out/scale.json)")
+    p.add_argument("--skip-etl", action="store_true",
+                   help="reuse the kept single-process output (CACHE/bench/scale-single-*), time training only")
+    add_output_args(p, "scale")
     return p.parse_args(argv)
 
 
+def single_output(raw: str, cache: str | None) -> str:
+    """Where the single-process ETL output of ``raw`` is kept (``--skip-etl`` reuses it).
+
+    Args:
+        raw: the raw directory.
+        cache: the ``--cache-dir`` value, or None.
+
+    Returns:
+        ``CACHE/bench/scale-single-<raw name>-<hash of raw's path>``.
+    """
+    key = hashlib.sha1(os.path.abspath(raw).encode()).hexdigest()[:8]  # two raw dirs may share a name
+    return bench_dir(cache, f"scale-single-{os.path.basename(os.path.normpath(raw))}-{key}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark: tables on stdout, JSON where ``--json`` says; returns the exit status."""
     a = parse_args(argv)
     if a.repeat < 1 or any(w < 1 for w in a.workers):
         print("error: --repeat and --workers must be >= 1", file=sys.stderr)
         return 2
     from ctrflow.bench.etl import raw_data, warm_page_cache
 
-    os.makedirs(OUT, exist_ok=True)
-    raw, _ = raw_data(a.rows, 0, 500_000, a.raw)
+    raw, _ = raw_data(a.rows, 0, 500_000, a.raw, a.cache_dir)
+    single = single_output(raw, a.cache_dir)
+    if a.skip_etl and not os.path.exists(os.path.join(single, "schema.json")):
+        print(f"error: --skip-etl: no kept single-process output at {single} (run once without it)", file=sys.stderr)
+        return 2
     warm_page_cache([os.path.join(raw, s, n) for s in ("train", "valid") for n in os.listdir(os.path.join(raw, s))
                      if n.endswith(".parquet")])
+    with scratch(a.cache_dir, "scale") as work:
+        return _run(a, argv, raw, single, work)
+
+
+def _run(a: argparse.Namespace, argv: list[str] | None, raw: str, single: str, work: str) -> int:
+    """The timed runs and the report; cluster outputs and training runs go under ``work``."""
     configs: list[int | None] = [] if a.skip_etl else [None, *a.workers]
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
@@ -149,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             for w in configs:
                 name = f"workers-{w}" if w else "single"
                 print(f"run {i + 1}/{a.repeat}: {name} ...", file=sys.stderr)
-                runs.append(run_etl(raw, os.path.join(OUT, f"scale-{name}"), w))
+                runs.append(run_etl(raw, single if w is None else os.path.join(work, f"scale-{name}"), w, work))
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -159,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in a.train_ranks:
             print(f"training: {n} rank(s) ...", file=sys.stderr)
-            train.append(run_fit(os.path.join(OUT, "scale-single"), n, a.train_steps, a.train_batch,
-                                 os.path.join(OUT, f"scale-fit-{n}")))
+            train.append(run_fit(single, n, a.train_steps, a.train_batch, os.path.join(work, f"scale-fit-{n}"),
+                                 work))
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -177,16 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results))
         print(f"outputs (schema, row counts, fitted statistics) identical across configurations: {identical}")
     if train:
-        print(f"training: train/fit.py DLRM on bench/out/scale-single, {a.train_steps} steps, CPU (Gloo for torchrun)")
+        print(f"training: train/fit.py DLRM on {single}, {a.train_steps} steps, CPU (Gloo for torchrun)")
         print(train_table(train))
     report = {"benchmark": "scale", "command": "python bench/scale.py " + " ".join(argv if argv is not None
                                                                                    else sys.argv[1:]),
-              "machine": machine, "raw": raw, "results": results, "all_runs": runs, "outputs_identical": identical,
-              "training": train}
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {a.json}")
+              "machine": machine, "raw": raw, "single_output": single, "results": results, "all_runs": runs,
+              "outputs_identical": identical, "training": train}
+    write_json(json_path(a, "scale"), report)
     return 0 if identical else 1
 
 

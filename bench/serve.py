@@ -16,10 +16,13 @@ Measured side by side in one run, on the same 256-row requests of raw validation
 Rows/s = rows answered / wall time of the phase. ``failed`` counts non-200 answers and connection
 errors; ``server alive`` is checked with ``/health`` after the load. The model: DLRM with fit.py's
 default sizes (dim 16, MLPs 512-256), trained ``--train-steps`` steps on generated data (the weights'
-quality does not change the cost), unless ``--run RUN --raw RAW`` point at an existing run.
+quality does not change the cost), unless ``--run RUN --raw RAW`` point at an existing run. The
+generated data, its ETL output and that run are kept for later runs in
+``CACHE/bench/serve-data-<rows>-steps<steps>-v<generator version>`` (CACHE: ``--cache-dir``, else
+``$CTRFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/ctrflow`` or ``~/.cache/ctrflow``).
 
 Usage:
-    python bench/serve.py                          # table + bench/out/serve.json
+    python bench/serve.py                          # table + CACHE/bench/serve.json
     python bench/serve.py --requests 400 --clients 8 --rows 256 --json out.json
     python bench/serve.py --run runs/a --raw data/raw/synthetic-2000000-seed0/valid
 """
@@ -43,18 +46,26 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ctrflow.bench.machine import describe_machine  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "bench", "out")
+from ctrflow.bench.paths import add_output_args, announce, bench_dir, json_path, write_json  # noqa: E402
 
 
 def setup(work: str, rows: int, steps: int) -> tuple[str, str]:
-    """Generated data -> ETL -> a DLRM with fit.py's default sizes; returns (run dir, raw valid dir)."""
+    """Generated data -> ETL -> a DLRM with fit.py's default sizes, each step skipped when ``work`` has it.
+
+    Args:
+        work: the cache directory for this (rows, steps, generator version).
+        rows: generated rows (train + valid).
+        steps: training steps.
+
+    Returns:
+        (run dir, raw valid dir).
+    """
     from ctrflow.etl import synthetic
     from ctrflow.etl.run import main as etl_main
     from ctrflow.train.fit import main as fit_main
 
     raw, proc, run = (os.path.join(work, n) for n in ("raw", "processed", "run"))
+    announce(work, os.path.isdir(os.path.join(run, "checkpoints")))
     if not os.path.exists(os.path.join(raw, "synthetic.json")):
         synthetic.generate(raw, rows=rows, seed=0)
     if not os.path.exists(os.path.join(proc, "schema.json")):
@@ -172,17 +183,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--rows", type=int, default=256, help="rows (or candidates) per request")
     p.add_argument("--baseline-requests", type=int, default=40, help="requests for the in-process baselines")
-    p.add_argument("--run", default=None, help="serve this run dir (default: train a small one in bench/out)")
+    p.add_argument("--run", default=None, help="serve this run dir (default: train a small one, kept in CACHE/bench)")
     p.add_argument("--raw", default=None, help="raw parquet rows for the requests (needed with --run)")
     p.add_argument("--data-rows", type=int, default=50_000, help="generated rows for the default run")
     p.add_argument("--train-steps", type=int, default=30)
-    p.add_argument("--json", default=os.path.join(OUT, "serve.json"))
+    add_output_args(p, "serve")
     a = p.parse_args(argv)
     if (a.run is None) != (a.raw is None):
         p.error("--run and --raw go together")
     if min(a.requests, a.clients, a.rows, a.baseline_requests) < 1:
         p.error("--requests, --clients, --rows, --baseline-requests must be >= 1")
-    run, raw = (a.run, a.raw) if a.run else setup(os.path.join(OUT, "serve-data"), a.data_rows, a.train_steps)
+    if a.run:
+        run, raw = a.run, a.raw
+    else:
+        from ctrflow.etl.synthetic import VERSION
+
+        work = bench_dir(a.cache_dir, f"serve-data-{a.data_rows}-steps{a.train_steps}-v{VERSION}")
+        run, raw = setup(work, a.data_rows, a.train_steps)
     reqs = requests_from(raw, a.rows, a.requests)
     results: dict[str, dict[str, Any]] = {}
 
@@ -234,11 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         alive = {True: "yes", False: "NO"}.get(r.get("server_alive"), "-")
         print(f"{name:<34} {r['clients']:>7} {r['requests']:>8} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
               f"{r['rows_per_s']:>9,.0f} {r['failed']:>6} {alive:>12}")
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump({"benchmark": "serve", "machine": machine, "run": run, "args": vars(a), "results": results},
-                  f, indent=2)
-    print(f"wrote {a.json}")
+    write_json(json_path(a, "serve"), {"benchmark": "serve", "machine": machine, "run": run, "args": vars(a),
+                                       "results": results})
     ok = all(r["failed"] == 0 and r.get("server_alive", True) for r in results.values())
     return 0 if ok else 1
 

@@ -63,6 +63,71 @@ def rapids_available() -> bool:
         return False
 
 
+GPU_EXTRAS = {12: "gpu-cu12", 13: "gpu-cu13"}  # pyproject's extras: RAPIDS ships one wheel set per CUDA major
+
+
+def _major(version: str | None) -> int | None:
+    """``"12.4"`` -> 12; None or unparsable -> None."""
+    try:
+        return int(str(version).strip().split(".")[0]) if version else None
+    except ValueError:
+        return None
+
+
+def choose_gpu_extra(torch_cuda: str | None, driver_cuda: str | None) -> str | None:
+    """The ``ctrflow[...]`` extra matching the CUDA in use, or None when it cannot be told.
+
+    Args:
+        torch_cuda: ``torch.version.cuda`` (None for a CPU build of torch). Wins when it is a major
+            RAPIDS supports, so cupy / cudf share torch's CUDA runtime libraries.
+        driver_cuda: the ``CUDA Version`` nvidia-smi reports (the newest the driver supports; a newer
+            driver runs older majors' wheels, so 14 -> ``gpu-cu13``).
+
+    Returns:
+        ``"gpu-cu12"``, ``"gpu-cu13"`` or None.
+    """
+    torch_major = _major(torch_cuda)
+    if torch_major in GPU_EXTRAS:
+        return GPU_EXTRAS[torch_major]
+    driver_major = _major(driver_cuda)
+    if driver_major is None or driver_major < min(GPU_EXTRAS):
+        return None
+    return GPU_EXTRAS[min(driver_major, max(GPU_EXTRAS))]
+
+
+def _torch_cuda() -> str | None:
+    """``torch.version.cuda`` without importing torch for it when it is not installed."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        import torch
+
+        return torch.version.cuda
+    except Exception:  # noqa: BLE001 - a broken torch install only loses the hint
+        return None
+
+
+def _driver_cuda() -> str | None:
+    """The ``CUDA Version: X.Y`` in nvidia-smi's banner, or None (no nvidia-smi, no driver)."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"CUDA Version:\s*([0-9]+(?:\.[0-9]+)?)", out)
+    return m.group(1) if m else None
+
+
+def gpu_install_hint() -> str:
+    """``pip install 'ctrflow[gpu-cuXX]'`` for the detected CUDA major, or both choices when unknown."""
+    extra = choose_gpu_extra(_torch_cuda(), _driver_cuda())
+    if extra:
+        return f"pip install 'ctrflow[{extra}]'"
+    return " or ".join(f"pip install 'ctrflow[{e}]' (CUDA {m})" for m, e in sorted(GPU_EXTRAS.items()))
+
+
 @functools.lru_cache(maxsize=4)
 def get_backend(engine: str = "auto") -> Backend:
     """Pick and log the backend.
@@ -81,10 +146,11 @@ def get_backend(engine: str = "auto") -> Backend:
     use_gpu = engine == "gpu" or (engine == "auto" and rapids_available())
     if use_gpu:
         if not rapids_available():
-            raise ValueError(
-                "--engine gpu needs RAPIDS (cudf, dask-cudf) and a CUDA device: "
-                "`pip install ctrflow[gpu]` on a GPU machine, or use --engine cpu"
-            )
+            if importlib.util.find_spec("cudf") is not None and importlib.util.find_spec("dask_cudf") is not None:
+                raise ValueError("--engine gpu: cudf is installed but no CUDA device is visible "
+                                 "(check nvidia-smi and CUDA_VISIBLE_DEVICES), or use --engine cpu")
+            raise ValueError(f"--engine gpu needs RAPIDS (cudf, dask-cudf) and a CUDA device: "
+                             f"{gpu_install_hint()} on a GPU machine, or use --engine cpu")
         import cudf
         import cupy
 

@@ -1,13 +1,17 @@
 """Fit the ETL workflow and write a processed dataset: ``python etl/run.py``.
 
 With no ``--input`` it first generates the embedded Criteo-shaped synthetic click logs (see
-``ctrflow.etl.synthetic``), so a fresh checkout runs end to end without a download.
+``ctrflow.etl.synthetic``), so a fresh checkout runs end to end without a download. They are kept in
+the cache directory (``--cache-dir`` > ``$CTRFLOW_CACHE_DIR`` > ``$XDG_CACHE_HOME/ctrflow`` >
+``~/.cache/ctrflow``), under ``synthetic/rows-N-seedS-vV[-seqW]``, and reused by later runs with the same
+rows, seed and generator version; a run writes nothing else outside ``--output``.
 
 Commands:
     python etl/run.py                                    # synthetic data -> data/processed
     python etl/run.py --input day_0.gz day_1.gz --format criteo --valid day_2.gz --output out/
     python etl/run.py --input 'raw/*.parquet' --valid-fraction 0.05 --freq-threshold 15 \\
-        --auto-bins I1:20 --bucketize I2:0,1,10,100 --workers 2
+        --auto-bins I1:20 --bucketize I2:0,1,10,100 --workers 2   # dashboard on 127.0.0.1:8787
+    python etl/run.py --synthetic-rows 200000 --cache-dir /scratch/ctrflow --output /scratch/small
     python etl/run.py --with-sequences                   # + item_id, hist_items, tags(+_weights) lists
     python etl/run.py --input raw.csv --cats u,item --conts x --list-cols 'tags:|,hist' --list-max-len 50 \\
         --joint-vocab items=item,hist                    # list columns (see etl/list_args.py)
@@ -35,7 +39,6 @@ if __package__ in (None, ""):  # `python etl/run.py`: drop etl/ from the path so
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 DEFAULT_OUTPUT = os.path.join("data", "processed")
-DEFAULT_RAW = os.path.join("data", "raw")
 CRITEO_CONTS = ",".join(f"I{i}" for i in range(1, 14))
 CRITEO_CATS = ",".join(f"C{i}" for i in range(1, 27))
 
@@ -46,28 +49,84 @@ class UsageError(ValueError):
     """A user error: printed as one line, exit code 2."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="etl/run.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and appends ``(default: X)`` to every option with a real default.
+
+    None, False and [] are left to the help text, which says what they mean (argparse would print
+    "default: None").
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, d = action.help or "", action.default
+        unset = d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d)
+        if "%(default)" in text or "(default:" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _prog(argv0: str | None = None, orig_argv: list[str] | None = None) -> str:
+    """The command the user typed, for the usage line.
+
+    Args:
+        argv0: ``sys.argv[0]`` (default: the running one).
+        orig_argv: the interpreter's own argv (default: ``sys.orig_argv``), to recognise ``python -m``.
+
+    Returns:
+        ``ctrflow-etl`` (the console script), ``python -m ctrflow.etl.run``, or the script path as typed
+        (``etl/run.py``); ``etl/run.py`` when called from other code (tests, notebooks).
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    orig = list(getattr(sys, "orig_argv", [])) if orig_argv is None else orig_argv
+    name = os.path.basename(argv0)
+    if name.startswith("ctrflow-etl"):  # ctrflow-etl, ctrflow-etl.exe, ctrflow-etl-script.py
+        return "ctrflow-etl"
+    if name == "run.py":
+        if "-m" in orig:
+            return f"python -m {orig[orig.index('-m') + 1]}" if orig.index("-m") + 1 < len(orig) else "python -m"
+        return argv0
+    return "etl/run.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every option with its help text and (shown) default.
+
+    Returns:
+        The parser; ``prog`` is the command the user typed (see ``_prog``).
+    """
+    from ctrflow.etl import cache, list_args
+
+    p = argparse.ArgumentParser(prog=_prog(), description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     src = p.add_argument_group("input")
     src.add_argument("--input", nargs="+", help="files, globs or directories (default: generate synthetic data)")
     src.add_argument("--format", choices=["parquet", "csv", "criteo"], default=None,
                      help="input format (default: from the file names; criteo = tab-separated day files)")
-    src.add_argument("--cats", default=CRITEO_CATS, help="comma-separated categorical columns")
-    src.add_argument("--conts", default=CRITEO_CONTS, help="comma-separated continuous columns")
+    # The Criteo lists are abbreviated: argparse would break the 100-character default mid-name.
+    src.add_argument("--cats", default=CRITEO_CATS, help="comma-separated categorical columns (default: Criteo's "
+                                                          "C1,C2,...,C26)")
+    src.add_argument("--conts", default=CRITEO_CONTS, help="comma-separated continuous columns (default: Criteo's "
+                                                            "I1,I2,...,I13)")
     src.add_argument("--label", default="label", help="label column")
     src.add_argument("--task", choices=["binary", "regression"], default="binary", help="what the label holds")
     split = src.add_mutually_exclusive_group()
-    split.add_argument("--valid", nargs="+", help="validation files (fit uses the training input only)")
+    split.add_argument("--valid", nargs="+",
+                       help="validation files (fit uses the training input only; default: split --input, "
+                            "see --valid-fraction)")
     split.add_argument("--valid-fraction", type=float, default=None,
-                       help="random share of --input rows held out for validation (default 0.1)")
-    src.add_argument("--synthetic-rows", type=int, default=2_000_000, help="rows of generated data")
+                       help="random share of --input rows held out for validation (default: 0.1; the synthetic "
+                            "data has its own validation split)")
+    src.add_argument("--synthetic-rows", type=int, default=2_000_000,
+                     help="rows of generated data (without --input)")
     src.add_argument("--seed", type=int, default=0, help="seed of the generator and of the random split")
+    src.add_argument("--cache-dir", metavar="DIR", default=None,
+                     help="where generated synthetic data is kept and reused (default: $CTRFLOW_CACHE_DIR, else "
+                          "$XDG_CACHE_HOME/ctrflow, else ~/.cache/ctrflow; here: "
+                          f"{cache.cache_dir().replace('%', '%%')}); safe to delete")
     ops = p.add_argument_group("ops")
     ops.add_argument("--freq-threshold", type=int, default=2, help="Categorify: keep values seen this often")
-    ops.add_argument("--num-buckets", type=int, default=None, help="Categorify: hash OOV values into N ids")
+    ops.add_argument("--num-buckets", type=int, default=None,
+                     help="Categorify: hash OOV values into N ids (default: none, every OOV value is id 2)")
     ops.add_argument("--max-size", type=int, default=0,
-                     help="Categorify: cap each cardinality at N (reserved ids included)")
+                     help="Categorify: cap each cardinality at N (reserved ids included; 0: no cap)")
     ops.add_argument("--bucketize", action="append", default=[], metavar="COL:b1,b2,...",
                      help="add COL_bucket from fixed boundaries (repeatable)")
     ops.add_argument("--auto-bins", action="append", default=[], metavar="COL:K",
@@ -76,27 +135,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inc = p.add_argument_group("incremental days (etl/update.py)")
     inc.add_argument("--update", metavar="WORKFLOW_DIR",
                      help="merge --input (a new day) into this fitted workflow (or processed dir) instead of "
-                          "fitting; writes the day's processed data and the updated workflow to --output")
+                          "fitting; writes the day's processed data and the updated workflow to --output "
+                          "(default: fit a new workflow)")
     inc.add_argument("--decay", type=float, default=None,
-                     help="with --update: multiply the stored category counts by this first (e.g. 0.9)")
+                     help="with --update: multiply the stored category counts by this first, e.g. 0.9 "
+                          "(default: no decay)")
     inc.add_argument("--force", action="store_true", help="with --update: ingest an input seen before")
-    run.add_argument("--output", default=DEFAULT_OUTPUT, help=f"processed dataset directory ({DEFAULT_OUTPUT})")
+    run.add_argument("--output", default=DEFAULT_OUTPUT, help="processed dataset directory")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    run.add_argument("--engine", choices=["auto", "cpu", "gpu"], default="auto", help="pandas or cuDF")
+    run.add_argument("--engine", choices=["auto", "cpu", "gpu"], default="auto",
+                     help="pandas (cpu) or cuDF (gpu); auto: gpu when RAPIDS and a CUDA device are present")
     cluster = run.add_mutually_exclusive_group()
-    cluster.add_argument("--scheduler", help="address of an existing Dask scheduler")
-    cluster.add_argument("--workers", type=int, help="start a local Dask cluster with N workers")
+    cluster.add_argument("--scheduler", metavar="ADDRESS",
+                         help="address of an existing Dask scheduler (default: none, run in this process)")
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="start a local Dask cluster with N workers (default: none, run in this process)")
+    run.add_argument("--dashboard-address", metavar="HOST:PORT", default=None,
+                     help="with --workers: where the Dask dashboard listens; :PORT means loopback, 0.0.0.0:PORT "
+                          "exposes it to the network, none turns it off (default: 127.0.0.1:8787, loopback "
+                          "only; a free port if 8787 is taken)")
     run.add_argument("--compression", choices=["none", "snappy", "lz4", "zstd"], default="none",
                      help="parquet codec of the output (none: plain pages, fastest to write and read; "
                           "zstd: about 3x smaller)")
-    run.add_argument("--part-size", default=None, help="rows per partition (int) or bytes ('256MB')")
+    run.add_argument("--part-size", default=None,
+                     help="rows per partition (int) or bytes ('256MB') (default: 1,000,000 rows for parquet, "
+                          "256MB for text input)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-cache", action="store_true",
-                     help="never keep the input in memory between fit and transform (it is, when under 1/4 of RAM)")
+                     help="never keep the input in memory between fit and transform (it is, when under 1/4 of "
+                          "RAM); unrelated to --cache-dir")
+    list_args.add_arguments(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The namespace; ``part_size`` is an int when given as a row count.
+
+    Raises:
+        UsageError: an inconsistent or out-of-range combination of flags.
+    """
     from ctrflow.etl import list_args
 
-    list_args.add_arguments(p)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         list_args.check(args)  # --list-cols, --list-max-len, --joint-vocab, --with-sequences
     except ValueError as e:
@@ -107,6 +193,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--synthetic-rows must be >= 100, got {args.synthetic_rows}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.dashboard_address is not None:
+        if args.workers is None:
+            raise UsageError("--dashboard-address applies to --workers only (a local cluster)")
+        from ctrflow.etl.cluster import ClusterError, dashboard_option
+
+        try:
+            dashboard_option(args.dashboard_address)
+        except ClusterError as e:
+            raise UsageError(str(e)) from None
     if args.update and not args.input:
         raise UsageError("--update needs --input NEW_DAY (the new day's files)")
     if (args.decay is not None or args.force) and not args.update:
@@ -178,9 +273,10 @@ def dask_context(args: argparse.Namespace, backend: Any) -> Iterator[Any]:
         if args.scheduler is None and args.workers is None:
             yield None
             return
-        from ctrflow.etl.cluster import close_client, start_client
+        from ctrflow.etl.cluster import close_client, dashboard_option, start_client
 
-        client, cluster = start_client(args.scheduler, args.workers, gpu=backend.name == "gpu")
+        client, cluster = start_client(args.scheduler, args.workers, gpu=backend.name == "gpu",
+                                       dashboard_address=dashboard_option(getattr(args, "dashboard_address", None)))
         workers = len(client.scheduler_info().get("workers", {}))
         print(f"Dask cluster: {client.scheduler.address}, {workers} worker(s); dashboard: {client.dashboard_link}",
               file=sys.stderr)
@@ -199,28 +295,63 @@ def _guess_format(paths: list[str]) -> str:
     return "criteo"
 
 
+def synthetic_key(rows: int, seed: int, sequences: bool) -> str:
+    """The cache sub-directory of one synthetic data set: everything that changes its bytes.
+
+    Args:
+        rows: ``--synthetic-rows``; seed: ``--seed``; sequences: ``--with-sequences``.
+
+    Returns:
+        e.g. ``rows-2000000-seed0-v3`` or ``rows-2000000-seed0-v3-seq1`` (generator versions included,
+        so a new generator never reuses an old data set).
+    """
+    from ctrflow.etl import synthetic
+
+    return f"rows-{rows}-seed{seed}-v{synthetic.VERSION}" + (f"-seq{synthetic.seqs.VERSION}" if sequences else "")
+
+
+def synthetic_input(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Generate the synthetic raw data into the cache (``--cache-dir``), or reuse it when already there.
+
+    Args:
+        args: the parsed flags (``synthetic_rows``, ``seed``, ``with_sequences``, ``cache_dir``).
+
+    Returns:
+        (the raw data directory with ``train/`` and ``valid/``, its ``synthetic.json`` metadata).
+    """
+    from ctrflow.etl import cache, synthetic
+
+    seq = bool(getattr(args, "with_sequences", False))
+    raw = cache.cache_dir(getattr(args, "cache_dir", None), "synthetic",
+                          synthetic_key(args.synthetic_rows, args.seed, seq))
+    meta: dict[str, Any] = {}
+    meta_path = os.path.join(raw, "synthetic.json")
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):  # damaged by hand: regenerate
+            meta = {}
+    # The key already names these; checking the metadata too guards against a directory edited or copied by hand.
+    if (meta.get("version") == synthetic.VERSION and meta.get("rows") == args.synthetic_rows
+            and meta.get("seed") == args.seed
+            and (meta.get("sequences") or {}).get("version") == (synthetic.seqs.VERSION if seq else None)):
+        print(f"synthetic data: reusing {raw}", file=sys.stderr)
+    else:  # none yet, or damaged: generate into a temporary directory renamed into place when complete
+        t = time.perf_counter()
+        meta = synthetic.generate(raw, rows=args.synthetic_rows, seed=args.seed, sequences=seq)
+        print(f"synthetic data: generated {args.synthetic_rows:,} rows in {raw} ({time.perf_counter() - t:.1f} s)",
+              file=sys.stderr)
+    return raw, meta
+
+
 def prepare_input(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """Training and validation Datasets (generating synthetic data when no input is given)."""
     from ctrflow.etl import Dataset
 
     meta: dict[str, Any] = {}
     if args.input is None:
-        from ctrflow.etl import synthetic
-
-        seq = bool(getattr(args, "with_sequences", False))
-        raw = os.path.join(DEFAULT_RAW, f"synthetic-{args.synthetic_rows}-seed{args.seed}{'-seq' if seq else ''}")
-        meta_path = os.path.join(raw, "synthetic.json")
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                meta = json.load(f)
-        if (meta.get("version") == synthetic.VERSION and meta.get("rows") == args.synthetic_rows
-                and meta.get("sequences", {}).get("version") == (synthetic.seqs.VERSION if seq else None)):
-            print(f"reusing synthetic data in {raw}", file=sys.stderr)
-        else:  # none yet, or written by another generator version: (re)generate, atomically
-            t = time.perf_counter()
-            meta = synthetic.generate(raw, rows=args.synthetic_rows, seed=args.seed, sequences=seq)
-            print(f"generated {args.synthetic_rows:,} synthetic rows in {raw} ({time.perf_counter() - t:.1f} s)",
-                  file=sys.stderr)
+        raw, meta = synthetic_input(args)
         train = Dataset(os.path.join(raw, "train"), engine="parquet", part_size=args.part_size)
         valid = Dataset(os.path.join(raw, "valid"), engine="parquet", part_size=args.part_size)
         return train, valid, {"synthetic": meta}

@@ -4,7 +4,7 @@ Commands::
 
     python -m ctrflow.serve --run runs/dlrm-20261123                      # http://127.0.0.1:8000/docs
     python -m ctrflow.serve --run runs/a --host 0.0.0.0 --port 9000 --max-rows 2048 --device cuda
-    curl -s localhost:8000/predict -H 'content-type: application/json' -d '[{"I1": 3, "C1": "68fd1e64", ...}]'
+    curl -s localhost:8000/metadata          # the columns a row needs (every one: null for a missing value)
 
 A run directory that cannot be served (no checkpoint, its dataset gone, a corrupt workflow) exits
 with code 2 and one line.
@@ -13,10 +13,13 @@ with code 2 and one line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from ctrflow.serve.app import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS
+from ctrflow.serve.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_ROWS  # no FastAPI needed
 from ctrflow.serve.predictor import DEFAULT_BATCH_SIZE
+
+CONSOLE_SCRIPT = "ctrflow-serve"  # pyproject's [project.scripts] name for main()
 
 
 class UsageError(Exception):
@@ -28,13 +31,35 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m ctrflow.serve", description=__doc__.split("\n")[0])
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to an option's help when it has a value default the text does not state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is argparse.SUPPRESS or isinstance(default, bool) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def prog_name(argv0: str | None = None) -> str:
+    """How the user started the server, for the usage line: the console script or ``python -m``."""
+    name = os.path.basename(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else ""))
+    stem = name.removesuffix(".exe").removesuffix("-script.py")  # Windows launchers
+    return CONSOLE_SCRIPT if stem == CONSOLE_SCRIPT else "python -m ctrflow.serve"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser (``prog``: the usage line's command, default :func:`prog_name`)."""
+    p = _Parser(prog=prog or prog_name(), description=__doc__.split("\n\nA run")[0], formatter_class=_Formatter)
     p.add_argument("--run", required=True, help="run directory written by train/fit.py --out")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows / candidates per request (413 above)")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="request body size (413 above)")
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help="request body size in bytes (413 above, refused before the body is read)")
+    p.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT,
+                   help="POST requests served at once (more: 503 with Retry-After; /health is never refused)")
     p.add_argument("--device", default=None, help="auto (default: CUDA when available) | cpu | cuda[:i]")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per model call")
     p.add_argument("--no-batching", action="store_true",
@@ -42,9 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's newest)")
     p.add_argument("--data", default=None, help="processed dataset dir, if it moved since training")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """Parse and check the command line (:class:`UsageError` on a bad one)."""
+    p = build_parser(prog)
     a = p.parse_args(argv)
-    for name in ("max_rows", "max_bytes", "batch_size"):
+    for name in ("max_rows", "max_bytes", "max_in_flight", "batch_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if not 0 <= a.port < 65536:
@@ -74,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(a.threads)
         predictor = Predictor.from_run(a.run, device=a.device, batch_size=a.batch_size, checkpoint=a.checkpoint,
                                        data_dir=a.data)
-        app = create_app(predictor, max_rows=a.max_rows, max_bytes=a.max_bytes, batching=not a.no_batching)
+        app = create_app(predictor, max_rows=a.max_rows, max_bytes=a.max_bytes, batching=not a.no_batching,
+                         max_in_flight=a.max_in_flight)
     except (UsageError, ServeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

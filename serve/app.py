@@ -10,7 +10,10 @@ Endpoints:
 
 Bad input never reaches the model unchecked and never yields a 500: malformed JSON -> 400, a body
 over ``max_bytes`` or more than ``max_rows`` rows -> 413, a missing column / wrong type / empty list ->
-422; every error body is ``{"detail": message, "field": name}``. Parsing and validation run in worker
+422; more than ``max_in_flight`` requests at once -> 503 with ``Retry-After``; every error body is
+``{"detail": message, "field": name}``. Size and concurrency are enforced by
+:class:`~ctrflow.serve.limits.RequestLimits` before a body is parsed (an oversized ``Content-Length`` is
+refused unread, a chunked body as soon as it passes the limit). Parsing and validation run in worker
 threads, scoring in the :class:`~ctrflow.serve.batcher.Batcher`'s thread (concurrent requests share one
 transform + model call), so the event loop keeps answering ``/health`` while a large request is scored.
 """
@@ -31,11 +34,17 @@ from starlette.concurrency import run_in_threadpool
 
 from ctrflow.serve.batcher import Batcher
 from ctrflow.serve.inputs import ServeError
+from ctrflow.serve.limits import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_ROWS,
+    HTTPError,
+    LimitStats,
+    RequestLimits,
+)
 from ctrflow.serve.predictor import Predictor, rank_order
 
 log = logging.getLogger("ctrflow.serve")
-DEFAULT_MAX_ROWS = 10_000
-DEFAULT_MAX_BYTES = 32 * 2**20
 
 _ROW = {"type": "object", "additionalProperties": True, "description": "raw input columns -> values"}
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -45,34 +54,30 @@ _RANK_BODY = {"requestBody": {"required": True, "content": {"application/json": 
     "properties": {"context": _ROW, "candidates": {"type": "array", "items": _ROW, "minItems": 1}}}}}}}
 
 
-class HTTPError(Exception):
-    """An error response: status code, one-line message, the field at fault."""
-
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-
-
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no NaN / Infinity
 
 
 def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes: int = DEFAULT_MAX_BYTES,
-               batching: bool = True) -> FastAPI:
+               batching: bool = True, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> FastAPI:
     """Build the app around a loaded :class:`Predictor`.
 
     Args:
         predictor: the model and workflow to serve.
         max_rows: most rows (``/predict``) or candidates (``/rank``) per request; more -> 413.
-        max_bytes: largest request body; more -> 413 (checked while reading, not only from Content-Length).
+        max_bytes: largest request body; more -> 413, from ``Content-Length`` before reading, else as soon
+            as a streamed body passes it.
         batching: score concurrent requests together (:class:`~ctrflow.serve.batcher.Batcher`, up to the
             predictor's ``batch_size`` rows per model call); False scores each request on its own.
+        max_in_flight: most POST requests served at once; more -> 503 with ``Retry-After`` (GETs are not
+            counted, so ``/health`` answers under load).
 
     Returns:
         The FastAPI application (run it with uvicorn, or call it with ``fastapi.testclient.TestClient``).
     """
-    if max_rows < 1 or max_bytes < 1:
-        raise ValueError(f"max_rows and max_bytes must be >= 1, got {max_rows}, {max_bytes}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    limits = LimitStats(max_bytes, max_in_flight)  # checks max_bytes, max_in_flight
     batcher = Batcher(predictor) if batching else None
 
     @contextlib.asynccontextmanager
@@ -83,11 +88,12 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
 
     app = FastAPI(title="ctrflow.serve", version="1", lifespan=lifespan,
                   description="Scores raw rows with a trained ctrflow model behind its fitted ETL workflow.")
-    app.state.predictor, app.state.batcher = predictor, batcher
+    app.state.predictor, app.state.batcher, app.state.limits = predictor, batcher, limits
+    app.add_middleware(RequestLimits, stats=limits)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
-        return JSONResponse({"detail": e.message, "field": e.field}, status_code=e.status)
+        return JSONResponse({"detail": e.message, "field": e.field}, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, e: ServeError) -> JSONResponse:
@@ -98,17 +104,8 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
         log.exception("internal error on %s", request.url.path)
         return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}", "field": None}, status_code=500)
 
-    async def read_body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise HTTPError(413, f"request body of {int(length):,} bytes is over the limit of {max_bytes:,}", "body")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise HTTPError(413, f"request body is over the limit of {max_bytes:,} bytes", "body")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    async def read_body(request: Request) -> bytes:  # RequestLimits has checked the size already / stops at it
+        return b"".join([chunk async for chunk in request.stream()])
 
     def parse_json(body: bytes) -> Any:
         if not body.strip():
@@ -169,7 +166,9 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
         batching_info = {"enabled": batcher is not None, "max_rows": batcher.max_rows if batcher else None,
                          "model_calls": batcher.batches if batcher else None,
                          "requests": batcher.requests if batcher else None}
-        return {**predictor.metadata(), "limits": {"max_rows": max_rows, "max_bytes": max_bytes},
-                "batching": batching_info}
+        return {**predictor.metadata(), "batching": batching_info,
+                "limits": {"max_rows": max_rows, "max_bytes": max_bytes, "max_in_flight": max_in_flight,
+                           "in_flight": limits.in_flight, "rejected_too_large": limits.too_large,
+                           "rejected_busy": limits.busy}}
 
     return app

@@ -59,7 +59,7 @@ def test_two_worker_cluster_equals_single_process(raw, tmp_path, capsys):
     assert main(["--input", str(raw), "--output", str(single), *ARGS]) == 0
     assert main(["--input", str(raw), "--output", str(cluster), "--workers", "2", *ARGS]) == 0
     err = capsys.readouterr().err
-    assert "2 worker(s); dashboard: http" in err  # the dashboard link is printed
+    assert "2 worker(s); dashboard: http://127.0.0.1:" in err  # the dashboard link is printed, on loopback
 
     for split in ("train", "valid"):
         files = sorted(n for n in os.listdir(single / split) if n.endswith(".parquet"))
@@ -124,5 +124,55 @@ def test_gpu_cluster_without_dask_cuda_is_a_clear_error(monkeypatch):
     from ctrflow.etl.cluster import ClusterError, start_client
 
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import dask_cuda -> ImportError
-    with pytest.raises(ClusterError, match="needs dask-cuda"):
+    with pytest.raises(ClusterError, match=r"needs dask-cuda.*pip install 'ctrflow\[gpu-cu1[23]\]'"):
         start_client(None, 2, gpu=True)
+
+
+def _listening(proc) -> set[tuple[str, int]]:
+    import psutil
+
+    return {(c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.mark.parametrize("address", [None, ":0"])
+def test_local_cluster_listens_on_loopback_only(address):
+    """The scheduler, its dashboard and the workers bind 127.0.0.1, never every interface (0.0.0.0 / ::)."""
+    psutil = pytest.importorskip("psutil")
+    from ctrflow.etl.cluster import close_client, dashboard_option, start_client
+
+    client, cluster = start_client(None, 1, gpu=False, dashboard_address=dashboard_option(address))
+    try:
+        dash = {s.getsockname()[:2] for s in cluster.scheduler.http_server._sockets.values()}
+        assert dash and all(host == "127.0.0.1" for host, _ in dash), dash
+        assert client.dashboard_link.startswith("http://127.0.0.1:")
+        assert int(client.dashboard_link.split(":")[2].split("/")[0]) in {port for _, port in dash}
+        assert cluster.scheduler.address.startswith("tcp://127.0.0.1:")
+        ports = {port for _, port in dash} | {int(cluster.scheduler.address.rsplit(":", 1)[1])}
+        mine = {(ip, port) for ip, port in _listening(psutil.Process()) if port in ports}
+        assert mine and all(ip == "127.0.0.1" for ip, _ in mine), mine
+        for child in psutil.Process().children(recursive=True):  # nanny and worker processes
+            with_ports = _listening(child)
+            assert all(ip == "127.0.0.1" for ip, _ in with_ports), (child.cmdline()[:3], with_ports)
+    finally:
+        close_client(client, cluster)
+
+
+def test_dashboard_address_option():
+    from ctrflow.etl.cluster import DEFAULT_DASHBOARD, ClusterError, dashboard_option
+
+    assert dashboard_option(None) == DEFAULT_DASHBOARD == "127.0.0.1:8787"
+    assert dashboard_option(":9000") == "127.0.0.1:9000"  # a bare port stays on loopback
+    assert dashboard_option("0.0.0.0:8787") == "0.0.0.0:8787"  # exposing it is explicit
+    assert dashboard_option("none") is None
+    with pytest.raises(ClusterError, match="HOST:PORT"):
+        dashboard_option("localhost")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dashboard-address", ":9000"], "applies to --workers only"),
+    (["--workers", "1", "--dashboard-address", "nope"], "HOST:PORT"),
+])
+def test_dashboard_address_usage_errors(argv, message, tmp_path, capsys):
+    assert main(["--input", str(tmp_path / "none.parquet"), "--output", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err

@@ -136,6 +136,7 @@ def test_cli_synthetic_default_path(tmp_path, monkeypatch):
     oracle = schema.metadata["synthetic"]["oracle"]
     assert 0.5 < oracle["valid_auc"] < 1.0
     assert schema.metadata["rows"]["train"] + schema.metadata["rows"]["valid"] == 5000
+    assert os.listdir(tmp_path) == ["data"] and os.listdir(tmp_path / "data") == ["processed"]  # raw data: the cache
     assert main(["--synthetic-rows", "5000", "--no-progress"]) == 2  # exists without --overwrite
     assert main(["--synthetic-rows", "5000", "--no-progress", "--overwrite"]) == 0
 
@@ -261,3 +262,72 @@ def test_output_compression(tmp_path, raw_parquet, codec):
     md = pq.ParquetFile(next((out / "train").glob("*.parquet"))).metadata
     col = md.row_group(0).column(0)
     assert col.compression.lower() == ("uncompressed" if codec == "none" else codec)
+
+
+def _help_text(monkeypatch, capsys) -> str:
+    from ctrflow.etl.run import parse_args
+
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_documents_every_option_and_its_default(monkeypatch, capsys):
+    import argparse
+
+    from ctrflow.etl.run import build_parser
+
+    text = " ".join(_help_text(monkeypatch, capsys).split())  # undo the line wrapping
+    for action in build_parser()._actions:
+        if not action.option_strings:
+            continue
+        flag = action.option_strings[-1]
+        assert action.help and action.help.strip(), f"{flag} has no help"
+        assert flag in text
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or d == []:
+            continue  # the help says in words what "not given" means
+        if "(default:" in action.help:  # its own wording, e.g. the 26 Criteo column names abbreviated
+            continue
+        assert f"(default: {d})" in text, f"{flag}: default {d!r} not shown"
+    for shown in ("(default: data/processed)", "(default: 2)", "(default: 2000000)", "(default: 0)",
+                  "(default: 127.0.0.1:8787", "$CTRFLOW_CACHE_DIR"):
+        assert shown in text, shown
+
+
+def test_options_without_a_default_say_what_that_means():
+    from ctrflow.etl.run import build_parser
+
+    for action in build_parser()._actions:
+        if action.option_strings and action.default is None and action.nargs != 0:
+            assert "default" in action.help, f"{action.option_strings[-1]}: what does leaving it out do?"
+
+
+@pytest.mark.parametrize("argv0, orig, prog", [
+    ("/venv/bin/ctrflow-etl", ["/venv/bin/python", "/venv/bin/ctrflow-etl"], "ctrflow-etl"),
+    ("etl/run.py", ["python", "etl/run.py", "--help"], "etl/run.py"),
+    ("/repo/etl/run.py", ["python", "/repo/etl/run.py"], "/repo/etl/run.py"),
+    ("/repo/etl/run.py", ["python", "-m", "ctrflow.etl.run", "--help"], "python -m ctrflow.etl.run"),
+    ("/venv/bin/pytest", ["python", "-m", "pytest"], "etl/run.py"),  # called from other code
+    ("", ["python"], "etl/run.py"),
+])
+def test_usage_names_the_command_typed(argv0, orig, prog):
+    from ctrflow.etl.run import _prog
+
+    assert _prog(argv0, orig) == prog
+
+
+@pytest.mark.parametrize("command, prog", [
+    ([sys.executable, os.path.join("etl", "run.py")], "etl/run.py"),
+    ([sys.executable, "-m", "ctrflow.etl.run"], "python -m ctrflow.etl.run"),
+    ([os.path.join(os.path.dirname(sys.executable), "ctrflow-etl")], "ctrflow-etl"),
+])
+def test_usage_line_of_each_entry_point(command, prog):
+    if not os.path.exists(command[0]):
+        pytest.skip(f"{command[0]} is not installed")
+    out = subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: {prog} [-h]")

@@ -9,7 +9,7 @@ timing fit and transform+write separately.
 
 Usage (the venv's python):
     bench/.venvs/nvtabular/bin/python bench/baselines/nvt_etl.py \
-        --train RAW/train --valid RAW/valid --out bench/out/etl-nvtabular --json result.json
+        --train RAW/train --valid RAW/valid --out SCRATCH/etl-nvtabular --json result.json
 
 Prints one JSON object (last line of stdout) and writes it to ``--json`` when given:
 ``{"fit_s", "transform_write_s", "transform_write_s_by_split", "cpu_s", "save_s", "rows": {split: n},
