@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN
 from ctrflow.models.embedding import FusedEmbedding, check_ids
 from ctrflow.models.feature_embedding import FeatureEmbedding, features_columns
 from ctrflow.models.features import as_features
@@ -130,9 +131,9 @@ class DLRM(nn.Module):
         self,
         cardinalities: Sequence[int],
         n_cont: int,
-        embedding_dim: int = 16,
-        dense_arch_layer_sizes: Sequence[int] = (512, 256, 16),
-        over_arch_layer_sizes: Sequence[int] = (512, 256, 1),
+        embedding_dim: int = DLRM_EMBEDDING_DIM,
+        dense_arch_layer_sizes: Sequence[int] = (*HIDDEN, DLRM_EMBEDDING_DIM),
+        over_arch_layer_sizes: Sequence[int] = (*HIDDEN, 1),
         sparse: bool = True,
         init: str = "uniform",
         features: Any = None,
@@ -181,15 +182,16 @@ class DLRM(nn.Module):
     def from_schema(
         cls,
         schema: Any,
-        embedding_dim: int = 16,
+        embedding_dim: int = DLRM_EMBEDDING_DIM,
         dense_arch_layer_sizes: Sequence[int] | None = None,
-        over_arch_layer_sizes: Sequence[int] = (512, 256, 1),
+        over_arch_layer_sizes: Sequence[int] = (*HIDDEN, 1),
         **kwargs: Any,
     ) -> DLRM:
         """Build from a processed dataset's schema (a :class:`Schema`, its path, or the dataset dir).
 
         Every table gets ``embedding_dim`` (DLRM's interaction needs one dim); the cardinalities come
-        from the schema. ``dense_arch_layer_sizes`` defaults to ``[512, 256, embedding_dim]``.
+        from the schema. ``dense_arch_layer_sizes`` defaults to ``[*HIDDEN, embedding_dim]``
+        (:mod:`ctrflow.models.defaults`).
         ``features=`` a :class:`~ctrflow.models.features.FeatureConfig` (or its dict / file path) sets
         per-feature options (shared tables, list features); see :mod:`ctrflow.models.features`.
         """
@@ -200,7 +202,7 @@ class DLRM(nn.Module):
                                              init=kwargs.get("init", "uniform"))
         sizes = embedding_sizes(schema, dim=embedding_dim)
         n_cont = len(as_schema(schema).continuous)
-        dense = list(dense_arch_layer_sizes) if dense_arch_layer_sizes else [512, 256, embedding_dim]
+        dense = list(dense_arch_layer_sizes) if dense_arch_layer_sizes else [*HIDDEN, embedding_dim]
         return cls([c for c, _ in sizes], n_cont, embedding_dim, dense, over_arch_layer_sizes, **kwargs)
 
     @property

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctrflow.models.defaults import HIDDEN, TABULAR_MAX_DIM
 from ctrflow.models.embedding import EmbeddingTables
 from ctrflow.models.feature_embedding import FeatureEmbedding, features_columns
 from ctrflow.models.features import as_features
@@ -123,9 +124,9 @@ class TabularModel(nn.Module):
     def from_schema(
         cls,
         schema: Any,
-        layers: Sequence[int] = (512, 256),
+        layers: Sequence[int] = HIDDEN,
         out_sz: int = 1,
-        max_dim: int | None = 16,
+        max_dim: int | None = TABULAR_MAX_DIM,
         embedding_dim: int | None = None,
         **kwargs: Any,
     ) -> TabularModel:
@@ -135,7 +136,8 @@ class TabularModel(nn.Module):
             schema: the dataset's schema.
             layers: hidden layer widths.
             out_sz: output width.
-            max_dim: cap the stored embedding dims (the seed notebook's ``min(16, dim)``); None keeps them.
+            max_dim: cap the stored embedding dims (default :data:`~ctrflow.models.defaults.TABULAR_MAX_DIM`;
+                the seed notebook's ``min(16, dim)`` is ``max_dim=16``); None keeps them.
             embedding_dim: one dim for every table instead of the stored ones.
             **kwargs: any other ``TabularModel`` argument; ``features=`` a
                 :class:`~ctrflow.models.features.FeatureConfig` (or its dict / file path).

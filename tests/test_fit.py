@@ -269,3 +269,33 @@ def test_help_has_text_for_every_flag():
         fit._Parser = orig
     actions = [x for x in seen[0]._actions if not isinstance(x, argparse._HelpAction)]
     assert actions and all(x.help for x in actions), [x.dest for x in actions if not x.help]
+
+
+def test_cli_defaults_are_the_config_defaults(capsys):
+    # One home per default: fit.py's flags, TrainConfig / ctrflow.models.defaults and --help agree.
+    import dataclasses
+
+    from ctrflow.models import defaults as md
+    from ctrflow.train.config import EMBEDDING_LR, LR, TrainConfig
+    from ctrflow.train.fit import parse_args
+
+    a = parse_args([])
+    cfg = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    pairs = {"batch_size": "batch_size", "valid_batch_size": "valid_batch_size", "epochs": "epochs",
+             "optimizer": "optimizer", "warmup": "warmup_steps", "decay": "decay", "min_lr_factor": "min_lr_factor",
+             "grad_accum": "grad_accum", "log_every": "log_every", "checkpoint_every": "checkpoint_every",
+             "keep": "keep_checkpoints", "device": "device", "embedding_optimizer": "embedding_optimizer"}
+    for flag, field in pairs.items():
+        assert getattr(a, flag) == cfg[field], (flag, getattr(a, flag), cfg[field])
+    assert a.layers == a.bottom_layers == list(md.HIDDEN)
+    built = TrainConfig()  # lr / embedding_lr by rule: the values fit.py trains with
+    assert built.lr == LR[a.optimizer] and built.embedding_lr == EMBEDDING_LR[a.optimizer]
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, field in pairs.items():
+        if cfg[field] is not None:
+            assert f"--{flag.replace('_', '-')}" in text and f"(default: {cfg[field]})" in text, flag
+    assert f"(default: {','.join(map(str, md.HIDDEN))})" in text
+    assert f"default {md.DLRM_EMBEDDING_DIM}" in text and f"default {md.TABULAR_MAX_DIM}" in text
+    assert f"adam {LR['adam']:g}" in text and f"adam {EMBEDDING_LR['adam']:g}" in text

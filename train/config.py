@@ -8,6 +8,11 @@ from typing import Any
 import torch
 
 TASKS = ("binary", "regression")
+OPTIMIZERS = ("adam", "adagrad", "sgd")
+# Learning rates by rule, tuned for one epoch of the embedded generator's 1.8M rows at batch 512
+# (bench/RESULTS.md, "Training"): Adam on the MLPs, lazy Adam on the tables; generic for the others.
+LR = {"adam": 1e-3, "adagrad": 0.01, "sgd": 0.1}
+EMBEDDING_LR = {"adam": 0.05, "adagrad": 1.0, "sgd": 1.0}
 
 
 class TrainingError(RuntimeError):
@@ -16,12 +21,17 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Trainer settings (all JSON-safe; stored in every checkpoint).
+    """Trainer settings (all JSON-safe; stored in every checkpoint): every training default, written once.
+
+    ``train/fit.py``'s flags take their defaults from these fields, and ``--help`` shows them.
 
     Attributes:
         task: ``binary`` (BCE-with-logits; AUC, logloss, AP) or ``regression`` (MSE; RMSE).
+        batch_size: training rows per batch (the loader's; recorded with the run).
+        valid_batch_size: rows per validation batch.
         optimizer, lr, embedding_lr, embedding_optimizer, row_steps, weight_decay: see
-            :func:`ctrflow.train.optim.build_optimizers`.
+            :func:`ctrflow.train.optim.build_optimizers`; ``lr`` / ``embedding_lr`` None take
+            :data:`LR` / :data:`EMBEDDING_LR` of the (embedding) optimizer.
         warmup_steps: linear warm-up steps (a value < 1 is a share of the total steps).
         decay: ``cosine``, ``linear`` or ``none`` after the warm-up; ``min_lr_factor`` is its floor.
         epochs, max_steps: run length (``max_steps`` counts optimizer steps and wins when smaller); the
@@ -40,22 +50,24 @@ class TrainConfig:
     """
 
     task: str = "binary"
-    optimizer: str = "adagrad"
-    lr: float = 0.01
+    batch_size: int = 512
+    valid_batch_size: int = 65536
+    optimizer: str = "adam"
+    lr: float | None = None
     embedding_lr: float | None = None
     embedding_optimizer: str | None = None
     row_steps: bool = True
     weight_decay: float = 0.0
-    warmup_steps: float = 0
+    warmup_steps: float = 0.05
     decay: str = "cosine"
-    min_lr_factor: float = 0.0
+    min_lr_factor: float = 0.1
     epochs: int = 1
     max_steps: int | None = None
     stop_after: int | None = None
     grad_accum: int = 1
     eval_every: int = 0
     log_every: int = 50
-    checkpoint_every: int = 0
+    checkpoint_every: int = 500
     keep_checkpoints: int = 3
     amp: bool | str = "auto"
     device: str = "auto"
@@ -68,6 +80,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name in (self.optimizer, self.embedding_optimizer or self.optimizer):
+            if name not in OPTIMIZERS:
+                raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr is None:
+            self.lr = LR[self.optimizer]
+        if self.embedding_lr is None:
+            self.embedding_lr = EMBEDDING_LR[self.embedding_optimizer or self.optimizer]
         if self.epochs < 1 or self.grad_accum < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("epochs, grad_accum, log_every and keep_checkpoints must be >= 1")
         for name in ("max_steps", "stop_after"):

@@ -37,15 +37,17 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-# Tuned for one epoch of the embedded generator's 1.8M rows at batch 512 (bench/RESULTS.md, "Training"):
-# Adam on the MLPs, lazy Adam on the tables. The other optimizers get generic defaults.
-LR = {"adam": 1e-3, "adagrad": 0.01, "sgd": 0.1}
-EMBEDDING_LR = {"adam": 0.05, "adagrad": 1.0, "sgd": 1.0}
+from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, TABULAR_MAX_DIM  # noqa: E402
+from ctrflow.train.config import EMBEDDING_LR, LR, OPTIMIZERS, TrainConfig  # noqa: E402
+
+# Every default below is TrainConfig's or ctrflow.models.defaults' (tests/test_fit.py checks it).
+D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _ints(text: str) -> list[int]:
@@ -93,49 +95,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="data/processed", help="processed dataset dir (etl/run.py's --output)")
     p.add_argument("--model", choices=("dlrm", "tabular"), default="dlrm",
                    help="dlrm (torchrec's DLRM) or tabular (fastai's TabularModel)")
-    p.add_argument("--batch-size", type=int, default=512, help="training rows per batch")
-    p.add_argument("--valid-batch-size", type=int, default=65536, help="rows per validation batch")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, default=D["batch_size"], help="training rows per batch")
+    p.add_argument("--valid-batch-size", type=int, default=D["valid_batch_size"], help="rows per validation batch")
+    p.add_argument("--epochs", type=int, default=D["epochs"], help="passes over the training split")
     p.add_argument("--max-steps", type=int, default=None,
                    help="run length in optimizer steps (default: the epochs' steps); the lr schedule ends here")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="stop (checkpointed) once the run reaches step STEP without shortening the lr "
                         "schedule; --resume then continues it as if never stopped (default: run to the end)")
-    p.add_argument("--optimizer", choices=("adagrad", "adam", "sgd"), default="adam",
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=D["optimizer"],
                    help="rule for the MLPs (and the tables unless --embedding-optimizer)")
     p.add_argument("--lr", type=float, default=None,
                    help="MLP learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")")
     p.add_argument("--embedding-lr", type=float, default=None,
                    help="learning rate of the tables (default: "
                         + ", ".join(f"{k} {v:g}" for k, v in EMBEDDING_LR.items()) + ")")
-    p.add_argument("--embedding-optimizer", choices=("adagrad", "adam", "sgd"), default=None,
+    p.add_argument("--embedding-optimizer", choices=OPTIMIZERS, default=D["embedding_optimizer"],
                    help="rule for the embedding tables (default: --optimizer; row-wise Adagrad / lazy Adam)")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up steps (< 1: share of the run)")
-    p.add_argument("--decay", choices=("cosine", "linear", "none"), default="cosine",
+    p.add_argument("--warmup", type=float, default=D["warmup_steps"], help="warm-up steps (< 1: share of the run)")
+    p.add_argument("--decay", choices=("cosine", "linear", "none"), default=D["decay"],
                    help="learning-rate decay after the warm-up")
-    p.add_argument("--min-lr-factor", type=float, default=0.1, help="the decay ends at this share of the lr")
-    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    p.add_argument("--min-lr-factor", type=float, default=D["min_lr_factor"],
+                   help="the decay ends at this share of the lr")
+    p.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="batches per optimizer step")
     p.add_argument("--embedding-dim", type=int, default=None,
-                   help="DLRM: every table's dim (default 16); tabular: cap of the schema's dims (default 64; "
-                        "the seed notebook used 16)")
-    p.add_argument("--layers", type=_ints, default=[512, 256],
+                   help=f"DLRM: every table's dim (default {DLRM_EMBEDDING_DIM}); tabular: cap of the schema's dims "
+                        f"(default {TABULAR_MAX_DIM}; the seed notebook used 16)")
+    p.add_argument("--layers", type=_ints, default=list(HIDDEN),
                    help="hidden widths: tabular MLP; DLRM top MLP (before its output)")
-    p.add_argument("--bottom-layers", type=_ints, default=[512, 256],
+    p.add_argument("--bottom-layers", type=_ints, default=list(HIDDEN),
                    help="DLRM bottom MLP (before its projection to --embedding-dim)")
     p.add_argument("--task", choices=("binary", "regression"), default=None,
                    help="loss and metrics (default: the task the ETL recorded in schema.json; binary if none)")
     p.add_argument("--features", default=None, metavar="FILE",
                    help="TOML/JSON embedding options per feature: dims, shared tables, list features and their "
                         "combiners, initialisers (see ctrflow.models.features; default: none)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
+    p.add_argument("--device", default=D["device"], help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
     p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=("auto", "bf16", "off"),
                    help="bfloat16 autocast: auto = on CUDA only; bare --amp = bf16 on any device")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate (and checkpoint) every N steps; default: 5 times per run; 0: at epoch ends only")
-    p.add_argument("--log-every", type=int, default=50, help="a log line and metrics.jsonl record every N steps")
-    p.add_argument("--checkpoint-every", type=int, default=500,
+    p.add_argument("--log-every", type=int, default=D["log_every"],
+                   help="a log line and metrics.jsonl record every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=D["checkpoint_every"],
                    help="also checkpoint every N steps (0: only at evaluations and epoch ends)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--keep", type=int, default=D["keep_checkpoints"], help="checkpoints to keep")
     p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<timestamp>)")
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue the run in --out (or from a checkpoint file / run dir given here)")
@@ -186,9 +190,9 @@ def build_model(a: argparse.Namespace, schema: Any, features: Any = None):
     from ctrflow.models import DLRM, TabularModel
 
     if a.model == "tabular":
-        return TabularModel.from_schema(schema, layers=a.layers, max_dim=a.embedding_dim or 64,
+        return TabularModel.from_schema(schema, layers=a.layers, max_dim=a.embedding_dim or TABULAR_MAX_DIM,
                                         features=features)
-    d = a.embedding_dim or 16
+    d = a.embedding_dim or DLRM_EMBEDDING_DIM
     return DLRM.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*a.bottom_layers, d],
                             over_arch_layer_sizes=[*a.layers, 1], features=features)
 
@@ -296,7 +300,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                       parts_per_chunk=a.parts_per_chunk, device=loader_device, lists=lists, cache=a.cache)
 
     cfg = TrainConfig(
-        task=a.task, optimizer=a.optimizer, lr=lr, embedding_lr=elr, embedding_optimizer=a.embedding_optimizer,
+        task=a.task, batch_size=a.batch_size, valid_batch_size=a.valid_batch_size, optimizer=a.optimizer,
+        lr=lr, embedding_lr=elr, embedding_optimizer=a.embedding_optimizer,
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
         max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum,
         eval_every=_eval_every(a, make_train), log_every=a.log_every, checkpoint_every=a.checkpoint_every,

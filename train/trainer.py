@@ -6,8 +6,8 @@ hooks, which then replace the defaults:
 
 * ``training_step(batch) -> loss`` (a tensor, or a dict with ``"loss"``); Lightning's
   ``training_step(batch, batch_idx)`` works too (``batch_idx``: the batch's index in its epoch),
-* ``validation_step(batch) -> dict`` (or ``validation_step(batch, batch_idx)``) with ``"loss"`` and/or ``"logits"`` + ``"label"`` (metrics need
-  the latter), or a ``(logits, label)`` tuple,
+* ``validation_step(batch) -> dict`` (or ``validation_step(batch, batch_idx)``) with ``"loss"``
+  and/or ``"logits"`` + ``"label"`` (metrics need the latter), or a ``(logits, label)`` tuple,
 * ``configure_optimizers() -> optimizer | list``; ``configure_lr_scheduler(optimizers)`` -> a
   scheduler (or list) stepped once per optimizer step, replacing the built-in warm-up + decay.
 

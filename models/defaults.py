@@ -1,0 +1,13 @@
+"""Model defaults, written once: the constructors, ``from_schema`` and ``train/fit.py`` read them.
+
+``HIDDEN`` is the widths of every MLP (fastai's TabularModel, DLRM's bottom and top archs), the
+seed notebook's ``layers=[512, 256]``; DLRM's interaction needs one embedding dim for every table;
+TabularModel keeps the schema's per-table dims, capped (the seed notebook capped them at 16; 64
+trained better on the embedded data: bench/RESULTS.md, "Training").
+"""
+
+from __future__ import annotations
+
+HIDDEN: tuple[int, ...] = (512, 256)
+DLRM_EMBEDDING_DIM = 16
+TABULAR_MAX_DIM = 64
