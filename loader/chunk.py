@@ -20,7 +20,6 @@ numpy's loops are single-threaded and release the GIL, so the producer uses one 
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ import torch
 
 from ctrflow.loader import pages
 from ctrflow.loader.lists import ListStage
-from ctrflow.loader.plan import Slice
+from ctrflow.loader.plan import Slice, batches_for, cut_chunk
 from ctrflow.loader.pool import BufferPool
 from ctrflow.loader.source import Columns, Source
 
@@ -195,18 +194,21 @@ class CpuBuilder:
         self.list_stage = ListStage(cols.lists, cols.list_weights) if cols.lists else None
 
     def build(self, tables: list[pa.Table], seed: int | None, final: bool) -> Chunk | None:
-        """Turn ``tables`` (+ leftover) into a chunk; ``None`` when no batch is complete yet.
+        """Turn ``tables`` (+ leftover) into a chunk, cut by ``plan.cut_chunk`` (the CUDA path's cut too).
 
         Args:
             tables: decoded slices, in order.
             seed: seed of this chunk's row permutation (used when shuffling).
             final: the epoch's last chunk: hand out the partial last batch too.
+
+        Returns:
+            The chunk, or ``None`` when no batch is complete yet (its rows are carried).
         """
         left = self.left[0].shape[1] if self.left is not None else 0
         total = left + sum(t.num_rows for t in tables)
         if total == 0:
             return None
-        blocks = math.ceil(total / self.bsz)
+        blocks = batches_for(total, self.bsz)  # every row is laid out, the carried ones included
         cat = self.out_pool.get((blocks, self.n_cat, self.bsz), self.cols.cat_dtype)
         flt = self.out_pool.get((blocks, self.n_flt, self.bsz), torch.float32)
         cat_np, flt_np = cat.numpy(), flt.numpy()
@@ -215,17 +217,14 @@ class CpuBuilder:
             self._shuffled(tables, cat_np, flt_np, left, total, perm)
         else:
             self._direct(tables, cat_np, flt_np, left)
-        full, rem = divmod(total, self.bsz)
+        cut = cut_chunk(total, self.bsz, final)
         lists = {}
         if self.list_stage is not None:
-            keep = None if final or not rem else full * self.bsz
-            rows = total if final else full * self.bsz
-            lists = self.list_stage.build(tables, self.left is not None, perm, rows, keep)
-        if final:
-            self.left = None
-            return Chunk(cat, flt, blocks, rem or self.bsz, lists=lists)
-        self.left = (cat_np[full, :, :rem].copy(), flt_np[full, :, :rem].copy()) if rem else None
-        return Chunk(cat, flt, full, self.bsz, lists=lists) if full else None
+            lists = self.list_stage.build(tables, self.left is not None, perm, cut.rows, cut.keep_from)
+        # The carried rows are the head of block K (the blocks before it are all handed out).
+        k, n = cut.batches, cut.carry
+        self.left = (cat_np[k, :, :n].copy(), flt_np[k, :, :n].copy()) if n else None
+        return Chunk(cat, flt, cut.batches, cut.last_rows, lists=lists) if cut.batches else None
 
     def _direct(self, tables: list[pa.Table], cat: np.ndarray, flt: np.ndarray, left: int) -> None:
         if self.left is not None:

@@ -14,14 +14,12 @@ Not exercised by the CPU test suite (tests marked ``gpu`` run it where CUDA exis
 
 from __future__ import annotations
 
-import math
-
 import pyarrow as pa
 import torch
 
 from ctrflow.loader.chunk import Chunk, fill_staging
 from ctrflow.loader.lists import ListStage
-from ctrflow.loader.plan import Slice
+from ctrflow.loader.plan import Slice, cut_chunk
 from ctrflow.loader.pool import BufferPool
 from ctrflow.loader.source import Source
 
@@ -126,18 +124,16 @@ class CudaBuilder:
         else:
             d_cat, d_flt = self._from_cudf(data)
         with torch.cuda.stream(self.stream):
-            perm = None
-            if self.shuffle:
-                total = d_cat.shape[1] + (self.left[0].shape[1] if self.left is not None else 0)
-                gen = torch.Generator(device=self.device).manual_seed(seed or 0)
-                perm = torch.randperm(total, device=self.device, generator=gen)
             lists, had_left = {}, self.left is not None
             total = d_cat.shape[1] + (self.left[0].shape[1] if had_left else 0)
+            perm = None
+            if self.shuffle:
+                gen = torch.Generator(device=self.device).manual_seed(seed or 0)
+                perm = torch.randperm(total, device=self.device, generator=gen)
             cat, flt, blocks, last, self.left = arrange(d_cat, d_flt, self.left, perm, self.bsz, final)
-            if self.list_stage is not None:  # same permutation, same leftover rows
-                full, rem = divmod(total, self.bsz)
-                keep = None if final or not rem else full * self.bsz
-                lists = self.list_stage.build(data, had_left, perm, total if final else full * self.bsz, keep)
+            if self.list_stage is not None:  # same permutation, same cut (arrange's), same leftover rows
+                cut = cut_chunk(total, self.bsz, final)
+                lists = self.list_stage.build(data, had_left, perm, cut.rows, cut.keep_from)
             if blocks == 0:
                 return None
             ev = torch.cuda.Event()
@@ -155,6 +151,8 @@ def arrange(
 ) -> tuple[torch.Tensor, torch.Tensor, int, int, tuple[torch.Tensor, torch.Tensor] | None]:
     """Leftover + new rows -> permuted, batch-major blocks (device-agnostic; the GPU path's core).
 
+    The rows are cut as ``CpuBuilder.build`` cuts them (``plan.cut_chunk``).
+
     Args:
         cat, flt: [n_cat, R] / [n_flt, R] new rows, column-major.
         left: leftover ([n_cat, L], [n_flt, L]) from the previous chunk, or ``None``.
@@ -169,12 +167,10 @@ def arrange(
         cat, flt = torch.cat([left[0], cat], dim=1), torch.cat([left[1], flt], dim=1)
     if perm is not None:
         cat, flt = cat.index_select(1, perm), flt.index_select(1, perm)
-    total = cat.shape[1]
-    full, rem = divmod(total, bsz)
-    blocks = math.ceil(total / bsz) if final else full
-    new_left = None if final or not rem else (cat[:, full * bsz :].clone(), flt[:, full * bsz :].clone())
-    last = (rem or bsz) if final else bsz
-    return _batch_major(cat, blocks, bsz), _batch_major(flt, blocks, bsz), blocks, last, new_left
+    cut = cut_chunk(cat.shape[1], bsz, final)
+    new_left = (cat[:, cut.rows :].clone(), flt[:, cut.rows :].clone()) if cut.carry else None
+    k = cut.batches
+    return _batch_major(cat, k, bsz), _batch_major(flt, k, bsz), k, cut.last_rows, new_left
 
 
 def _batch_major(x: torch.Tensor, blocks: int, bsz: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ctrflow.loader.batch import Batch
 from ctrflow.loader.cache import PieceCache
 from ctrflow.loader.chunk import Chunk, CpuBuilder, read_tables
 from ctrflow.loader.lists import LIST_FORMATS, batch_lists
-from ctrflow.loader.plan import Slice, batches_for, epoch_chunks, rank_rows
+from ctrflow.loader.plan import Slice, batches_for, epoch_chunks, every_row_batch_size, rank_rows
 from ctrflow.loader.producer import EpochIterator
 from ctrflow.loader.source import resolve
 
@@ -102,6 +102,11 @@ class Loader(torch.utils.data.IterableDataset):
         threads: threads that copy (and on the CPU shuffle) the columns into batches. Default: 1 on
             the CPU (the producer thread alone, leaving the other cores to the model training there),
             ``min(4, cores)`` with a CUDA device (the host only stages data for the GPU).
+        every_row: deliver every row exactly once over the ranks (validation, exact metrics): the rank
+            split can leave up to W - 1 rows out in one corner case (``ctrflow.loader.plan``), so the
+            batch size is raised to the smallest one >= ``batch_size`` that leaves none out
+            (``plan.every_row_batch_size``; ``loader.batch_size`` tells it; unchanged for one rank).
+            Not with ``drop_last``.
 
     ``len(loader)`` is the exact number of batches per epoch (the same on every rank).
     """
@@ -130,6 +135,7 @@ class Loader(torch.utils.data.IterableDataset):
         pad_lengths: int | dict[str, int] | None = None,
         cache: bool = False,
         threads: int | None = None,
+        every_row: bool = False,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -143,6 +149,11 @@ class Loader(torch.utils.data.IterableDataset):
             raise ValueError(f"list_format must be one of {', '.join(LIST_FORMATS)}, got {list_format!r}")
         self.source = resolve(source, cats, conts, labels, lists=lists, list_weights=list_weights)
         self.columns = self.source.columns
+        if every_row:
+            if self.drop_last:
+                raise ValueError("every_row=True delivers every row; it cannot be combined with drop_last=True")
+            self.batch_size = every_row_batch_size(self.source.rows, self.world, self.batch_size)
+        self.every_row = bool(every_row)
         self.list_format = list_format
         self.pad_lengths = _pad_lengths(self.columns.lists, pad_lengths, self.source.schema)
         self.device = resolve_device(device)

@@ -13,9 +13,13 @@ rank yields the **same number of batches** (DDP never waits on a rank that ran o
   ranks holding one row less would need an *empty* last batch; instead the ``N % W`` (< W) surplus
   rows of that epoch are left out, exactly as if they were a final global batch too small to split.
 - ``drop_last=True``: every rank yields ``(N // W) // B`` full batches; the rest is skipped.
+- Validation needs every row: ``every_row_batch_size`` gives the smallest batch size >= B that avoids
+  the corner case (``Loader(..., every_row=True)`` uses it).
 
 A rank's range then becomes a list of slices ``(piece, start, stop)``; consecutive slices are
-grouped ``parts_per_chunk`` at a time into chunks, the unit the producer reads and shuffles.
+grouped ``parts_per_chunk`` at a time into chunks, the unit the producer reads and shuffles. Inside a
+rank, ``cut_chunk`` says how each chunk (with the rows carried over from the previous one) is cut into
+batches, for the CPU and CUDA builders alike.
 """
 
 from __future__ import annotations
@@ -61,6 +65,75 @@ def rank_rows(total: int, world: int, batch_size: int, drop_last: bool) -> list[
 def batches_for(rows: int, batch_size: int) -> int:
     """Number of batches that ``rows`` rows make (the last one may be partial)."""
     return -(-rows // batch_size)
+
+
+def every_row_batch_size(total: int, world: int, batch_size: int) -> int:
+    """The smallest batch size >= ``batch_size`` for which the rank split delivers *every* row.
+
+    ``rank_rows`` leaves up to ``W - 1`` rows out in one corner case (``(N // W) % B == 0`` with
+    ``N % W != 0``); exact validation metrics need them all. Returns ``batch_size`` itself whenever
+    no row is left out (always for ``W == 1``).
+
+    Args:
+        total: rows in the dataset (N).
+        world: number of ranks (W).
+        batch_size: the batch size asked for (B).
+
+    Returns:
+        The batch size to use (B or a little more).
+
+    Raises:
+        ValueError: ``0 < N < W``: some rank would have no row, yet every rank must yield a batch.
+    """
+    if 0 < total < world:
+        raise ValueError(f"cannot deliver each of {total} rows once over {world} ranks with the same number of "
+                         f"batches on every rank: fewer rows than ranks")
+    # Terminates: with N // W = q > 0 the corner case ends at B = q + 1 at the latest.
+    while sum(rank_rows(total, world, batch_size, False)) < total:
+        batch_size += 1
+    return batch_size
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How one chunk of ``total`` rows (carried-over rows first) is cut into batches.
+
+    Attributes:
+        batches: batches handed out (K); they cover rows ``[0, rows)``.
+        last_rows: rows in batch ``K - 1`` (B unless it is the epoch's partial last batch).
+        rows: rows handed out.
+        carry: rows ``[rows, total)`` kept for the next chunk (0 on the final chunk).
+    """
+
+    batches: int
+    last_rows: int
+    rows: int
+    carry: int
+
+    @property
+    def keep_from(self) -> int | None:
+        """First carried row, or ``None`` when nothing is carried."""
+        return self.rows if self.carry else None
+
+
+def cut_chunk(total: int, batch_size: int, final: bool) -> Cut:
+    """Cut ``total`` rows into whole batches; carry the rest, or hand it out on the ``final`` chunk.
+
+    Batches never straddle two chunks: rows that do not fill a batch go first into the next chunk,
+    and only the epoch's final chunk hands out a partial batch.
+
+    Args:
+        total: rows in the chunk, carried-over rows included.
+        batch_size: B.
+        final: the epoch's last chunk of this rank.
+
+    Returns:
+        The ``Cut`` (``batches == 0``: no batch is complete yet).
+    """
+    full, rem = divmod(total, batch_size)
+    if final:
+        return Cut(full + (rem > 0), rem or batch_size, total, 0)
+    return Cut(full, batch_size, full * batch_size, rem)
 
 
 def piece_order(num_pieces: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:

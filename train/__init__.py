@@ -23,7 +23,7 @@ _LAZY = {
     "latest_checkpoint": "ctrflow.train.checkpoint",
     "load_checkpoint": "ctrflow.train.checkpoint",
     "save_checkpoint": "ctrflow.train.checkpoint",
-    "TensorLoader": "ctrflow.train.data",
+    "TensorLoader": "ctrflow.loader.tensors",  # re-exported; batches are cut in ctrflow.loader
     "LazyAdam": "ctrflow.train.optim",
     "RowWiseAdagrad": "ctrflow.train.optim",
     "SparseSGD": "ctrflow.train.optim",

@@ -257,24 +257,6 @@ def rescale_position(step: int, epoch: int, batch_in_epoch: int, saved_world: in
     return epoch * steps_per_epoch + bie // grad_accum, bie
 
 
-def eval_batch_size(source: Any, batch_size: int) -> int:
-    """A validation batch size (``batch_size`` or a little more) for which the sharded loader
-    delivers *every* row: its rank split leaves up to W - 1 rows out in one corner case
-    (``(N // W) % B == 0`` with ``N % W != 0``, see ``ctrflow.loader.plan``), and exact metrics need
-    them all. ``batch_size`` itself when not distributed.
-    """
-    world = world_size()
-    if world <= 1:
-        return batch_size
-    from ctrflow.loader.plan import rank_rows
-    from ctrflow.loader.source import resolve
-
-    total = resolve(source, None, None, None).rows
-    while sum(rank_rows(total, world, batch_size, False)) < total:
-        batch_size += 1
-    return batch_size
-
-
 def job_totals(summary: dict[str, Any]) -> dict[str, Any]:
     """Rows of all ranks for a fit summary (whose ``rows`` / ``seconds`` are this rank's); ``{}`` alone."""
     world = world_size()

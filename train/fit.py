@@ -324,9 +324,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             json.dump({"args": vars(a), "model": getattr(model, "config", None), "lr": lr,
                        "world_size": ddp.world_size()}, f, indent=2, default=str)
         os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
-    valid_bs = ddp.eval_batch_size(os.path.join(a.data, "valid"), a.valid_batch_size)  # every row, any N
-    with make_train() as train, Loader(os.path.join(a.data, "valid"), valid_bs, shuffle=False,
-                                       parts_per_chunk=a.parts_per_chunk, device=loader_device,
+    # every_row: under torchrun the validation batch grows a little, if needed, so every row is scored once.
+    with make_train() as train, Loader(os.path.join(a.data, "valid"), a.valid_batch_size, shuffle=False,
+                                       every_row=True, parts_per_chunk=a.parts_per_chunk, device=loader_device,
                                        lists=lists) as valid:
         summary = trainer.fit(train, valid, resume=a.resume)
         n_train = len(train)
