@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ctrflow.train.scaling import batch_scaling
+
 TASKS = ("binary", "regression")
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 # Learning rates by rule, tuned for one epoch of the embedded generator's 1.8M rows at batch 512
@@ -31,7 +33,14 @@ class TrainConfig:
         valid_batch_size: rows per validation batch.
         optimizer, lr, embedding_lr, embedding_optimizer, row_steps, weight_decay: see
             :func:`ctrflow.train.optim.build_optimizers`; ``lr`` / ``embedding_lr`` None take
-            :data:`LR` / :data:`EMBEDDING_LR` of the (embedding) optimizer.
+            :data:`LR` / :data:`EMBEDDING_LR` of the (embedding) optimizer, scaled by the batch rule.
+        batch_scaling: apply :func:`ctrflow.train.scaling.batch_scaling` for the rows per optimizer step
+            (``batch_size * grad_accum * world_size``): it sets the defaults of ``lr``,
+            ``embedding_lr``, ``embedding_l2`` and ``embedding_clip`` and lengthens a shared warm-up;
+            values given explicitly are kept. Off: the batch-512 defaults at any batch.
+        embedding_l2, embedding_clip: L2 weight on the embedding rows a batch touches and CowClip's
+            ratio (None: by the batch rule, 0 at or below batch 512).
+        world_size: ranks whose batches make one optimizer step (torchrun), for the batch rule.
         warmup_steps: linear warm-up steps (a value < 1 is a share of the total steps).
         decay: ``cosine``, ``linear`` or ``none`` after the warm-up; ``min_lr_factor`` is its floor.
         epochs, max_steps: run length (``max_steps`` counts optimizer steps and wins when smaller); the
@@ -58,6 +67,10 @@ class TrainConfig:
     embedding_optimizer: str | None = None
     row_steps: bool = True
     weight_decay: float = 0.0
+    batch_scaling: bool = True
+    embedding_l2: float | None = None
+    embedding_clip: float | None = None
+    world_size: int = 1
     warmup_steps: float = 0.05
     decay: str = "cosine"
     min_lr_factor: float = 0.1
@@ -83,10 +96,22 @@ class TrainConfig:
         for name in (self.optimizer, self.embedding_optimizer or self.optimizer):
             if name not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        rule = batch_scaling(self.rows_per_step if self.batch_scaling else 1)
         if self.lr is None:
-            self.lr = LR[self.optimizer]
+            self.lr = LR[self.optimizer] * rule.lr_factor
         if self.embedding_lr is None:
-            self.embedding_lr = EMBEDDING_LR[self.embedding_optimizer or self.optimizer]
+            self.embedding_lr = EMBEDDING_LR[self.embedding_optimizer or self.optimizer] * rule.embedding_lr_factor
+        if self.embedding_l2 is None:
+            self.embedding_l2 = rule.embedding_l2
+        if self.embedding_clip is None:
+            self.embedding_clip = rule.clip_ratio
+        if 0 <= self.warmup_steps < 1:  # a share of the run: the rule may lengthen it
+            self.warmup_steps = max(self.warmup_steps, rule.warmup_share)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows behind one optimizer step: the batch, accumulated, over all ranks."""
+        return self.batch_size * self.grad_accum * max(1, self.world_size)
         if self.epochs < 1 or self.grad_accum < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("epochs, grad_accum, log_every and keep_checkpoints must be >= 1")
         for name in ("max_steps", "stop_after"):

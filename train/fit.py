@@ -112,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         + ", ".join(f"{k} {v:g}" for k, v in EMBEDDING_LR.items()) + ")")
     p.add_argument("--embedding-optimizer", choices=OPTIMIZERS, default=D["embedding_optimizer"],
                    help="rule for the embedding tables (default: --optimizer; row-wise Adagrad / lazy Adam)")
+    p.add_argument("--no-batch-scaling", action="store_true",
+                   help="keep the batch-512 learning rates at any --batch-size (default: above 512 rows per step "
+                        "the dense lr grows with sqrt(batch / 512), the warm-up lengthens, and the tables get "
+                        "CowClip clipping and an L2 that grows with the batch; see ctrflow.train.scaling)")
     p.add_argument("--warmup", type=float, default=D["warmup_steps"], help="warm-up steps (< 1: share of the run)")
     p.add_argument("--decay", choices=("cosine", "linear", "none"), default=D["decay"],
                    help="learning-rate decay after the warm-up")
@@ -245,6 +249,33 @@ def _check_run_dir(a: argparse.Namespace, out: str) -> None:
                               "pass --resume to continue that run, or use a new --out")
 
 
+MIN_STEPS = 100  # below this many optimizer steps a CTR model trains to little better than chance
+
+
+def _check_steps(make_train, a: argparse.Namespace) -> None:
+    """Say, before training, when the run has too few optimizer steps to learn in (one line, stderr)."""
+    with make_train() as loader:
+        batches, rows = len(loader), loader.rows
+    steps = -(-batches // a.grad_accum) * a.epochs
+    steps = min(steps, a.max_steps or steps)
+    if steps < MIN_STEPS:
+        print(f"warning: {steps} optimizer steps ({rows:,} training rows, --batch-size {a.batch_size}, "
+              f"--epochs {a.epochs}) are too few to learn in (aim for >= {MIN_STEPS}): use more data, more "
+              f"--epochs, or a smaller --batch-size (e.g. {max(1, rows * a.epochs // (MIN_STEPS * a.grad_accum)):,})",
+              file=sys.stderr, flush=True)
+
+
+def _say_scaling(cfg: Any) -> None:
+    """One line on what the batch rule set, when it set anything."""
+    from ctrflow.train.scaling import REFERENCE_BATCH
+
+    if cfg.batch_scaling and cfg.rows_per_step > REFERENCE_BATCH:
+        print(f"batch scaling: {cfg.rows_per_step:,} rows per step = {cfg.rows_per_step / REFERENCE_BATCH:.1f}x "
+              f"batch {REFERENCE_BATCH}: lr {cfg.lr:.4g}, embedding lr {cfg.embedding_lr:.4g}, warm-up "
+              f"{cfg.warmup_steps:.3g}, embedding L2 {cfg.embedding_l2:.3g}, CowClip r={cfg.embedding_clip:g} "
+              "(--no-batch-scaling: off)", file=sys.stderr, flush=True)
+
+
 def _eval_every(a: argparse.Namespace, make_train) -> int:
     """``--eval-every``, or by default a fifth of the run (so the curve has five validation points)."""
     if a.eval_every is not None:
@@ -288,8 +319,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"the dataset's schema does not fit --model {a.model}: {e}") from None
     out = _run_dir(a)
     _check_run_dir(a, out)  # before anything is written: a refused run changes nothing on disk
-    lr = a.lr if a.lr is not None else LR[a.optimizer]
-    elr = a.embedding_lr if a.embedding_lr is not None else EMBEDDING_LR[a.embedding_optimizer or a.optimizer]
     amp = {"auto": "auto", "bf16": True, "off": False}[a.amp]
     loader_device = device if device.type == "cuda" else "cpu"
     spec = getattr(model, "features", None)
@@ -301,7 +330,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     cfg = TrainConfig(
         task=a.task, batch_size=a.batch_size, valid_batch_size=a.valid_batch_size, optimizer=a.optimizer,
-        lr=lr, embedding_lr=elr, embedding_optimizer=a.embedding_optimizer,
+        lr=a.lr, embedding_lr=a.embedding_lr, embedding_optimizer=a.embedding_optimizer,
+        batch_scaling=not a.no_batch_scaling, world_size=ddp.world_size(),
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
         max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum,
         eval_every=_eval_every(a, make_train), log_every=a.log_every, checkpoint_every=a.checkpoint_every,
@@ -311,7 +341,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if a.sharded_embeddings:  # torchrec shards the tables over the ranks (train/sharded.py)
         from ctrflow.train.sharded import shard_model
 
-        model = shard_model(model, device, a.optimizer, lr, a.embedding_optimizer or a.optimizer, elr)
+        model = shard_model(model, device, a.optimizer, cfg.lr, a.embedding_optimizer or a.optimizer,
+                            cfg.embedding_lr)
+    if ddp.is_main():
+        _say_scaling(cfg)
+        _check_steps(make_train, a)
     trainer = Trainer(model, cfg, out_dir=out)
     if a.resume:  # onto a new day (etl/run.py --update): grow the tables, restart the lr schedule (models/grow.py)
         from ctrflow.models.grow import continue_state
@@ -321,7 +355,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if ddp.is_main():  # torchrun: rank 0 writes the run directory
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json.tmp"), "w") as f:
-            json.dump({"args": vars(a), "model": getattr(model, "config", None), "lr": lr,
+            json.dump({"args": vars(a), "model": getattr(model, "config", None), "lr": cfg.lr,
                        "world_size": ddp.world_size()}, f, indent=2, default=str)
         os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
     # every_row: under torchrun the validation batch grows a little, if needed, so every row is scored once.

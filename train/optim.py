@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ctrflow.models.embedding import sparse_embedding_modules
+from ctrflow.train.scaling import clip_floor
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 
@@ -49,18 +50,31 @@ def unique_rows(idx: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple
     return uniq, scratch.index_select(0, idx).long()
 
 
+def _row_options(clip: float, clip_floor: float, l2: float) -> dict[str, float]:
+    """The row regularisation options of a param group, checked."""
+    if clip < 0 or clip_floor < 0 or l2 < 0:
+        raise ValueError(f"clip, clip_floor and l2 must be >= 0, got {clip}, {clip_floor}, {l2}")
+    return {"clip": float(clip), "clip_floor": float(clip_floor), "l2": float(l2)}
+
+
 class _RowOptimizer(torch.optim.Optimizer):
     """Base of the row-sparse optimizers: merges duplicate rows of a sparse gradient."""
 
-    def _rows(self, p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Deduplicated ``(row ids [U], summed row gradients [U, ...])``; ``(None, grad)`` when dense."""
+    def _rows(self, p: torch.Tensor, group: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Deduplicated ``(row ids [U], summed row gradients [U, ...])``; ``(None, grad)`` when dense.
+
+        With ``group`` holding ``clip`` (CowClip's ratio r > 0) and / or ``l2`` (> 0), the rows'
+        gradients are regularised and clipped here (:meth:`_regularise`), on the touched rows only.
+        """
         grad = p.grad
         if not grad.is_sparse:
             return None, grad
         idx = grad._indices()[0]
         val = grad._values()
+        want = group is not None and (group.get("clip", 0) > 0 or group.get("l2", 0) > 0)
         if grad.is_coalesced():
-            return idx, val
+            counts = torch.ones(idx.numel(), dtype=val.dtype, device=val.device) if want else None
+            return (idx, self._regularise(p, idx, val, counts, group)) if want else (idx, val)
         # Scratch space (4 bytes per row, not checkpointed) for unique_rows; int32 positions.
         scratch = self.__dict__.setdefault("_scratch", {})
         dtype = torch.int32 if idx.numel() < 2**31 else torch.int64
@@ -70,7 +84,36 @@ class _RowOptimizer(torch.optim.Optimizer):
         uniq, inv = unique_rows(idx, buf)
         summed = torch.zeros((uniq.numel(), *val.shape[1:]), dtype=val.dtype, device=val.device)
         summed.index_add_(0, inv, val)
-        return uniq, summed
+        if not want:
+            return uniq, summed
+        counts = torch.zeros(uniq.numel(), dtype=val.dtype, device=val.device)
+        counts.index_add_(0, inv, torch.ones_like(inv, dtype=val.dtype))  # lookups of each row in the batch
+        return uniq, self._regularise(p, uniq, summed, counts, group)
+
+    @staticmethod
+    def _regularise(p: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, counts: torch.Tensor,
+                    group: dict) -> torch.Tensor:
+        """Row L2 and CowClip on the touched rows: ``g + 2 * l2 * w``, then each row's gradient clipped
+        to norm ``clip * count * max(||w_row||, clip_floor)`` (see :mod:`ctrflow.train.scaling`).
+
+        Args:
+            p: the weight [R, D] (or [R]); rows: touched row ids [U]; g: their summed gradients [U, D];
+            counts: lookups of each row in the batch [U]; group: the optimizer's param group.
+
+        Returns:
+            The regularised, clipped gradients [U, D] (a new tensor; ``g`` may be reused).
+        """
+        l2, r = group.get("l2", 0.0), group.get("clip", 0.0)
+        w = p.index_select(0, rows).to(g.dtype) if (l2 > 0 or r > 0) else None
+        if l2 > 0:
+            g = g.add(w, alpha=2.0 * l2)
+        if r > 0:
+            flat_w, flat_g = w.reshape(w.shape[0], -1), g.reshape(g.shape[0], -1)
+            limit = flat_w.norm(dim=1).clamp_(min=group.get("clip_floor", 0.0)).mul_(counts).mul_(r)
+            norm = flat_g.norm(dim=1)
+            scale = (limit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp_(max=1.0)
+            g = (flat_g * scale[:, None]).reshape(g.shape)
+        return g
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -86,13 +129,17 @@ class RowWiseAdagrad(_RowOptimizer):
         lr: learning rate.
         eps: added to the root of the accumulator.
         initial_accumulator_value: start value of every row's accumulator.
+        clip, clip_floor, l2: CowClip ratio and floor, and L2 weight, on the touched rows of a sparse
+            gradient (0: off; see :mod:`ctrflow.train.scaling`).
     """
 
     def __init__(self, params: Iterable, lr: float = 0.01, eps: float = 1e-8,
-                 initial_accumulator_value: float = 0.0) -> None:
+                 initial_accumulator_value: float = 0.0, clip: float = 0.0, clip_floor: float = 0.0,
+                 l2: float = 0.0) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value})
+        super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value,
+                                  **_row_options(clip, clip_floor, l2)})
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch signature
@@ -105,7 +152,7 @@ class RowWiseAdagrad(_RowOptimizer):
                 if not state:
                     state["sum"] = torch.full((p.shape[0],), group["initial_accumulator_value"],
                                               dtype=torch.float32, device=p.device)
-                rows, g = self._rows(p)
+                rows, g = self._rows(p, group)
                 g2 = g.float().pow(2)
                 g2 = g2.mean(dim=1) if g2.dim() > 1 else g2
                 if rows is None:
@@ -128,13 +175,17 @@ class LazyAdam(_RowOptimizer):
         row_steps: bias-correct each row by the number of times *it* was updated (4 bytes per row)
             instead of by the global step. With the global step, a row first seen late in training
             takes a step ~2.5-3x ``lr``; per row it takes ``lr``, like a fresh Adam.
+        clip, clip_floor, l2: CowClip ratio and floor, and L2 weight, on the touched rows of a sparse
+            gradient (0: off; see :mod:`ctrflow.train.scaling`).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, row_steps: bool = False) -> None:
+                 eps: float = 1e-8, row_steps: bool = False, clip: float = 0.0, clip_floor: float = 0.0,
+                 l2: float = 0.0) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "row_steps": row_steps})
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "row_steps": row_steps,
+                                  **_row_options(clip, clip_floor, l2)})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -152,7 +203,7 @@ class LazyAdam(_RowOptimizer):
                 state["step"] += 1
                 t = state["step"]
                 step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
-                rows, g = self._rows(p)
+                rows, g = self._rows(p, group)
                 m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
                 if rows is None:
                     m_all.mul_(b1).add_(g, alpha=1 - b1)
@@ -176,23 +227,36 @@ class LazyAdam(_RowOptimizer):
         return loss
 
 
-class SparseSGD(torch.optim.Optimizer):
-    """SGD without momentum; a sparse gradient is applied with one ``index_add_`` (duplicates add up)."""
+class SparseSGD(_RowOptimizer):
+    """SGD without momentum: ``w[r] -= lr * g[r]`` for the rows a sparse gradient touches.
 
-    def __init__(self, params: Iterable, lr: float = 0.01) -> None:
+    Args:
+        params: parameters.
+        lr: learning rate.
+        clip, clip_floor, l2: CowClip ratio and floor, and L2 weight, on the touched rows (0: off; see
+            :mod:`ctrflow.train.scaling`). Without them a sparse gradient is applied with one
+            ``index_add_`` (duplicates add up), with them after merging duplicate rows.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.01, clip: float = 0.0, clip_floor: float = 0.0,
+                 l2: float = 0.0) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, {"lr": lr, **_row_options(clip, clip_floor, l2)})
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
+            regularised = group.get("clip", 0) > 0 or group.get("l2", 0) > 0
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g = p.grad
-                if g.is_sparse:
+                if g.is_sparse and regularised:
+                    rows, g = self._rows(p, group)
+                    p.index_add_(0, rows, g.to(p.dtype), alpha=-group["lr"])
+                elif g.is_sparse:
                     p.index_add_(0, g._indices()[0], g._values().to(p.dtype), alpha=-group["lr"])
                 else:
                     p.add_(g, alpha=-group["lr"])
@@ -207,6 +271,8 @@ def build_optimizers(
     weight_decay: float = 0.0,
     embedding_optimizer: str | None = None,
     row_steps: bool = True,
+    embedding_l2: float = 0.0,
+    embedding_clip: float = 0.0,
 ) -> list[torch.optim.Optimizer]:
     """The trainer's default optimizers: one for sparse embedding weights, one for the rest.
 
@@ -220,6 +286,9 @@ def build_optimizers(
             MLPs with row-wise Adagrad for the tables.
         row_steps: lazy Adam only: per-row bias correction (see :class:`LazyAdam`; +0.001 AUC for DLRM,
             +0.003 for the TabularModel in one epoch of the embedded data).
+        embedding_l2: L2 weight on the embedding rows each batch touches (row-sparse, never the table).
+        embedding_clip: CowClip's ratio r for the embedding rows (0: off); the floor is
+            :func:`ctrflow.train.scaling.clip_floor` of the rows' width.
 
     Returns:
         A list of one or two optimizers (those with no parameters are left out).
@@ -246,10 +315,13 @@ def build_optimizers(
         else:
             out.append(torch.optim.SGD(dense, lr=lr, weight_decay=weight_decay))
     if sparse:
+        width = max(int(p[0].numel()) for p in sparse)  # a row's elements (D), for CowClip's floor
+        rows = {"clip": embedding_clip, "clip_floor": clip_floor(width) if embedding_clip else 0.0,
+                "l2": embedding_l2}
         if emb_name == "adam":
-            out.append(LazyAdam(sparse, lr=elr, row_steps=row_steps))
+            out.append(LazyAdam(sparse, lr=elr, row_steps=row_steps, **rows))
         else:
-            out.append({"adagrad": RowWiseAdagrad, "sgd": SparseSGD}[emb_name](sparse, lr=elr))
+            out.append({"adagrad": RowWiseAdagrad, "sgd": SparseSGD}[emb_name](sparse, lr=elr, **rows))
     return out
 
 

@@ -64,7 +64,8 @@ class Trainer(Resumable):
             self.optimizers = list(opts) if isinstance(opts, (list, tuple)) else [opts]
         else:
             opts = build_optimizers(model, self.cfg.optimizer, self.cfg.lr, self.cfg.embedding_lr,
-                                    self.cfg.weight_decay, self.cfg.embedding_optimizer, self.cfg.row_steps)
+                                    self.cfg.weight_decay, self.cfg.embedding_optimizer, self.cfg.row_steps,
+                                    self.cfg.embedding_l2, self.cfg.embedding_clip)
             self.optimizers = opts
         for opt in self.optimizers:
             for g in opt.param_groups:

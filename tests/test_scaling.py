@@ -1,0 +1,126 @@
+"""The large-batch rule (ctrflow.train.scaling), CowClip and row L2 in the row-sparse optimizers, the
+too-few-steps guard, and a large-batch run that stays finite."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ctrflow.train.config import EMBEDDING_LR, LR, TrainConfig
+from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD
+from ctrflow.train.scaling import REFERENCE_BATCH, batch_scaling, clip_floor
+
+
+@pytest.mark.parametrize("batch", [1, 128, 512])
+def test_the_rule_is_the_identity_up_to_the_reference(batch):
+    s = batch_scaling(batch)
+    assert (s.k, s.lr_factor, s.embedding_lr_factor, s.embedding_l2, s.clip_ratio, s.warmup_share) == (
+        1.0, 1.0, 1.0, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("batch, k", [(1024, 2), (8192, 16), (65536, 128), (400_000, 400_000 / 512)])
+def test_the_rule_scales_like_cowclip(batch, k):
+    s = batch_scaling(batch)
+    assert s.k == pytest.approx(k)
+    assert s.lr_factor == pytest.approx(math.sqrt(k))  # dense lr: square root
+    assert s.embedding_lr_factor == 1.0  # embedding lr: unchanged
+    assert s.embedding_l2 == pytest.approx(5e-6 * k)  # L2: linear (CowClip: 1e-5 per 1K rows)
+    assert s.clip_ratio == 1.0
+    assert 0.05 < s.warmup_share <= 0.25
+
+
+def test_the_rule_grows_with_the_batch_and_rejects_nonsense():
+    shares = [batch_scaling(b).warmup_share for b in (1024, 8192, 65536, 400_000, 10**8)]
+    assert shares == sorted(shares) and shares[-1] == 0.25
+    with pytest.raises(ValueError):
+        batch_scaling(0)
+
+
+def test_train_config_applies_the_rule_to_defaults_only():
+    big = TrainConfig(batch_size=65536)
+    assert big.lr == pytest.approx(LR["adam"] * math.sqrt(128)) and big.embedding_lr == EMBEDDING_LR["adam"]
+    assert big.embedding_l2 == pytest.approx(5e-6 * 128) and big.embedding_clip == 1.0 and big.warmup_steps > 0.05
+    assert TrainConfig(batch_size=65536, lr=0.002).lr == 0.002  # an explicit value is kept
+    off = TrainConfig(batch_size=65536, batch_scaling=False)
+    assert (off.lr, off.embedding_l2, off.embedding_clip, off.warmup_steps) == (LR["adam"], 0.0, 0.0, 0.05)
+    # rows per step count accumulation and ranks
+    assert TrainConfig(batch_size=256, grad_accum=4, world_size=2).rows_per_step == 2048
+    base = TrainConfig()
+    assert (base.lr, base.embedding_l2, base.embedding_clip, base.warmup_steps) == (LR["adam"], 0.0, 0.0, 0.05)
+
+
+def _dense_cowclip(w, ids, grads, r, floor, l2):
+    """Reference: per-row summed gradient + 2*l2*w, clipped to r * count * max(||w||, floor), by loops."""
+    out = torch.zeros_like(w)
+    for j in torch.unique(ids).tolist():
+        g = grads[ids == j].sum(0) + 2 * l2 * w[j]
+        limit = r * int((ids == j).sum()) * max(float(w[j].norm()), floor)
+        out[j] = g * min(1.0, limit / max(float(g.norm()), 1e-30))
+    return out
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.01])
+def test_cowclip_equals_a_dense_reference(l2):
+    torch.manual_seed(0)
+    w0 = torch.randn(50, 4) * torch.linspace(1e-4, 1.0, 50)[:, None]  # from tiny rows (clipped) to large
+    ids = torch.randint(0, 50, (300,))
+    ids[:40] = 7  # one frequent id
+    grads = torch.randn(300, 4) * 3
+    r, floor = 1.0, clip_floor(4)
+    want = w0 - 0.1 * _dense_cowclip(w0, ids, grads, r, floor, l2)
+    w = torch.nn.Parameter(w0.clone())
+    w.grad = torch.sparse_coo_tensor(ids[None], grads, w.shape)
+    SparseSGD([w], lr=0.1, clip=r, clip_floor=floor, l2=l2).step()
+    torch.testing.assert_close(w.data, want, rtol=1e-5, atol=1e-6)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[ids] = False
+    assert torch.equal(w.data[untouched], w0[untouched])  # O(rows touched): the rest never moves
+    clipped = (grads[ids == 0].sum(0) + 2 * l2 * w0[0]).norm() > (ids == 0).sum() * max(w0[0].norm(), floor)
+    assert bool(clipped) or (ids == 0).sum() == 0  # the test does exercise clipping
+
+
+@pytest.mark.parametrize("opt", [LazyAdam, RowWiseAdagrad])
+def test_adaptive_optimizers_see_the_clipped_gradient(opt):
+    torch.manual_seed(1)
+    w0 = torch.randn(30, 4) * 0.01
+    ids = torch.randint(0, 30, (100,))
+    grads = torch.randn(100, 4)
+    ref = torch.nn.Parameter(w0.clone())  # the same optimizer on the reference's clipped dense-row gradient
+    ref.grad = _dense_cowclip(w0, ids, grads, 1.0, clip_floor(4), 0.0)
+    rows = torch.unique(ids)
+    ref.grad = torch.sparse_coo_tensor(rows[None], ref.grad[rows], w0.shape).coalesce()
+    w = torch.nn.Parameter(w0.clone())
+    w.grad = torch.sparse_coo_tensor(ids[None], grads, w.shape)
+    opt([w], lr=0.01, clip=1.0, clip_floor=clip_floor(4)).step()
+    opt([ref], lr=0.01).step()
+    torch.testing.assert_close(w.data, ref.data, rtol=1e-5, atol=1e-7)
+
+
+def test_guard_names_the_numbers_and_the_ways_out(tmp_path, capsys):
+    from test_fit import FAST, _write
+
+    from ctrflow.train.fit import main
+
+    d = _write(tmp_path / "d", rows=(640, 256))
+    assert main(["--data", str(d), "--out", str(tmp_path / "r"), "--no-loader-bench", *FAST]) == 0  # 5 steps
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("warning:"))
+    assert "5 optimizer steps (640 training rows, --batch-size 128, --epochs 1)" in line
+    assert "--epochs" in line and "smaller --batch-size" in line
+
+
+def test_a_large_batch_run_on_small_data_stays_finite(tmp_path, capsys):
+    from test_fit import FAST, _write
+
+    from ctrflow.train.fit import main
+
+    d = _write(tmp_path / "d", rows=(8192, 512))
+    argv = ["--data", str(d), "--out", str(tmp_path / "r"), "--no-loader-bench", *FAST, "--batch-size", "4096",
+            "--epochs", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "batch scaling: 4,096 rows per step = 8.0x batch 512" in out.err
+    auc = float(out.out.split("validation AUC ")[1].split()[0])
+    assert math.isfinite(auc) and auc > 0.5

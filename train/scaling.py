@@ -1,0 +1,88 @@
+"""Large-batch scaling rules: what the learning rates, warm-up and embedding regularisation become
+when the batch grows past the one the defaults were tuned at (:data:`REFERENCE_BATCH`).
+
+The rule follows CowClip (Zheng et al., AAAI 2023, "CowClip: Reducing CTR Prediction Model Training
+Time from 12 hours to 10 minutes on 1 GPU"), which trained DeepFM on Criteo from batch 1K to 128K
+with no loss of AUC using, for a batch ``k`` times the reference:
+
+* the dense (MLP) learning rate times ``sqrt(k)``, reached by a linear warm-up (their table: 8e-4 at
+  1K, 90.5e-4 at 128K, one warm-up epoch);
+* the embedding learning rate unchanged;
+* the embedding L2 weight times ``k`` (1e-5 at 1K to 128e-5 at 128K), so the decay per *epoch*
+  stays the same although there are ``k`` times fewer steps;
+* adaptive column-wise clipping of each id's embedding gradient: the gradient of row ``j`` is
+  clipped to ``r * cnt_j * max(||w_j||, zeta)`` where ``cnt_j`` is the number of times the batch
+  looked the id up (``r = 1``, ``zeta = 1e-5 * sqrt(D)`` for Criteo), so an id seen thousands of
+  times in one huge batch cannot take a step out of proportion to its own weights.
+
+ctrflow's row-sparse optimizers (:mod:`ctrflow.train.optim`) apply the clipping and the L2 to the rows
+a batch touched only (O(rows touched), never a pass over the table). At or below the reference batch
+the rule changes nothing, so the tuned defaults stay exactly as they were. ``TrainConfig(batch_scaling=
+False)`` / ``fit.py --no-batch-scaling`` turns it off for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+REFERENCE_BATCH = 512  # the batch size the defaults (ctrflow.train.config.LR ...) were tuned at
+EMBEDDING_L2_PER_REFERENCE = 5e-6  # CowClip's 1e-5 per 1K rows of batch, per 512
+CLIP_RATIO = 1.0  # CowClip's r
+CLIP_FLOOR_PER_SQRT_DIM = 1e-5  # CowClip's zeta / sqrt(D) on Criteo
+MAX_WARMUP_SHARE = 0.25  # never spend more than this share of the run warming up
+
+
+@dataclass(frozen=True)
+class BatchScaling:
+    """What the rule sets for one batch size (see the module docstring).
+
+    Attributes:
+        k: batch size / reference batch size (values below 1 count as 1: no change).
+        lr_factor: multiplier of the dense learning rate (``sqrt(k)``).
+        embedding_lr_factor: multiplier of the embedding learning rate (1: unchanged).
+        embedding_l2: L2 weight on the embedding rows a batch touches (0 at or below the reference).
+        clip_ratio: CowClip's ``r`` (0: no clipping, at or below the reference).
+        warmup_share: the least share of the run spent warming the learning rates up.
+    """
+
+    k: float
+    lr_factor: float
+    embedding_lr_factor: float
+    embedding_l2: float
+    clip_ratio: float
+    warmup_share: float
+
+
+def batch_scaling(batch_size: int, reference: int = REFERENCE_BATCH) -> BatchScaling:
+    """The scaling rule's values for ``batch_size`` rows per optimizer step.
+
+    Args:
+        batch_size: rows per optimizer step (the batch times gradient accumulation, times ranks).
+        reference: the batch size the defaults were tuned at.
+
+    Returns:
+        A :class:`BatchScaling`; the identity (factors 1, no L2, no clipping, no extra warm-up) when
+        ``batch_size <= reference``.
+    """
+    if batch_size < 1 or reference < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {batch_size} and reference {reference}")
+    k = max(1.0, batch_size / reference)
+    if k == 1.0:
+        return BatchScaling(1.0, 1.0, 1.0, 0.0, 0.0, 0.0)
+    # Warm-up: CowClip warms the dense rate up over one epoch at every large batch; here the share of
+    # the run grows with log2(k) (0.05 at 2x, ~0.2 at 400000 rows) and stays <= MAX_WARMUP_SHARE.
+    warmup = min(MAX_WARMUP_SHARE, 0.05 + 0.015 * math.log2(k))
+    return BatchScaling(
+        k=k,
+        lr_factor=math.sqrt(k),
+        embedding_lr_factor=1.0,
+        embedding_l2=EMBEDDING_L2_PER_REFERENCE * k,
+        clip_ratio=CLIP_RATIO,
+        warmup_share=warmup,
+    )
+
+
+def clip_floor(dim: int) -> float:
+    """CowClip's ``zeta`` for rows of ``dim`` elements: the norm below which a row counts as this small."""
+    return CLIP_FLOOR_PER_SQRT_DIM * math.sqrt(max(1, dim))
