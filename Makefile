@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.ctrflow-installed
 
-.PHONY: demo test setup lint clean
+.PHONY: demo test setup lint clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The prepared GPU check (issue #18): tests, loader, training and serving figures on one GPU in < 8 min.
+# On the device machine (no venv there): python3 bench/gpu_check.py --out $OUT
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py --out $${OUT:-$$(mktemp -d)}
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf data runs bench/out
+	rm -rf data runs

@@ -205,6 +205,16 @@ class DLRM(nn.Module):
         dense = list(dense_arch_layer_sizes) if dense_arch_layer_sizes else [*HIDDEN, embedding_dim]
         return cls([c for c, _ in sizes], n_cont, embedding_dim, dense, over_arch_layer_sizes, **kwargs)
 
+    @classmethod
+    def from_options(cls, schema: Any, layers: Sequence[int] | None = None,
+                     bottom_layers: Sequence[int] | None = None, embedding_dim: int | None = None,
+                     features: Any = None) -> DLRM:
+        """``fit.py``'s model flags: ``layers`` the top MLP's hidden widths, ``bottom_layers`` the bottom
+        MLP's before its projection to ``embedding_dim`` (every table's dim); None: the defaults."""
+        d = embedding_dim or DLRM_EMBEDDING_DIM
+        return cls.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*(bottom_layers or HIDDEN), d],
+                               over_arch_layer_sizes=[*(layers or HIDDEN), 1], features=features)
+
     @property
     def takes_lists(self) -> bool:
         """The model reads list features (the trainer then passes ``lists=`` / ``weights=``)."""

@@ -151,6 +151,15 @@ class TabularModel(nn.Module):
         emb = embedding_sizes(schema, max_dim=max_dim, dim=embedding_dim)
         return cls(emb, len(as_schema(schema).continuous), out_sz, list(layers), **kwargs)
 
+    @classmethod
+    def from_options(cls, schema: Any, layers: Sequence[int] | None = None,
+                     bottom_layers: Sequence[int] | None = None, embedding_dim: int | None = None,
+                     features: Any = None) -> TabularModel:
+        """``fit.py``'s model flags: ``layers`` the MLP's hidden widths, ``embedding_dim`` the cap of the
+        schema's per-table dims (``bottom_layers`` does not apply); None: the defaults."""
+        return cls.from_schema(schema, layers=list(layers or HIDDEN), max_dim=embedding_dim or TABULAR_MAX_DIM,
+                               features=features)
+
     @property
     def takes_lists(self) -> bool:
         """The model reads list features (the trainer then passes ``lists=`` / ``weights=``)."""

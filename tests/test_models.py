@@ -172,3 +172,23 @@ def test_models_on_gpu_with_bf16_autocast():
             out = m(cat.cuda(), cont.cuda())
         out.float().sum().backward()
         assert out.shape == (6, 1) and all(p.grad is not None for p in m.parameters())
+
+
+def test_every_registered_model_implements_the_protocol(tmp_path):
+    # The written contract (ctrflow.models.protocol): what fit.py, the trainer and the server rely on.
+    from ctrflow.models.protocol import MODELS, CTRModel
+
+    cols = [ColumnSchema(f"C{i}", "categorical", "int32", cardinality=c, embedding_dim=8)
+            for i, c in enumerate([7, 11])]
+    cols += [ColumnSchema("I0", "continuous", "float32"), ColumnSchema("label", "label", "float32")]
+    schema = Schema(cols, {})
+    cat, cont = torch.tensor([[3, 4], [6, 10]]), torch.randn(2, 1)
+    for name, cls in MODELS.items():
+        model = cls.from_options(schema, layers=[8], bottom_layers=[4], embedding_dim=4)
+        assert isinstance(model, CTRModel), name
+        assert model(cat, cont).shape == (2, 1) and model.takes_lists is False
+        model.check_input(cat, cont)
+        with pytest.raises(ValueError):
+            model.check_input(cat + 100, cont)
+        rebuilt = type(model)(**model.config)  # a checkpoint's config rebuilds the same architecture
+        assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in model.parameters()]

@@ -44,6 +44,7 @@ import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, TABULAR_MAX_DIM  # noqa: E402
+from ctrflow.models.protocol import MODELS  # noqa: E402
 from ctrflow.train.config import EMBEDDING_LR, LR, OPTIMIZERS, TrainConfig  # noqa: E402
 
 # Every default below is TrainConfig's or ctrflow.models.defaults' (tests/test_fit.py checks it).
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; :class:`UsageError` on bad arguments."""
     p = _Parser(prog=prog_name("train/fit.py"), description=__doc__.split("\n")[0], formatter_class=_Help)
     p.add_argument("--data", default="data/processed", help="processed dataset dir (etl/run.py's --output)")
-    p.add_argument("--model", choices=("dlrm", "tabular"), default="dlrm",
+    p.add_argument("--model", choices=tuple(MODELS), default="dlrm",
                    help="dlrm (torchrec's DLRM) or tabular (fastai's TabularModel)")
     p.add_argument("--batch-size", type=int, default=D["batch_size"], help="training rows per batch")
     p.add_argument("--valid-batch-size", type=int, default=D["valid_batch_size"], help="rows per validation batch")
@@ -191,15 +192,8 @@ def _check_dataset(path: str):
 
 def build_model(a: argparse.Namespace, schema: Any, features: Any = None):
     """The model the arguments describe, sized from the dataset's schema (``features``: a FeatureConfig)."""
-    from ctrflow.models import DLRM, TabularModel
-
-    if a.model == "tabular":
-        return TabularModel.from_schema(schema, layers=a.layers, max_dim=a.embedding_dim or TABULAR_MAX_DIM,
-                                        features=features)
-    d = a.embedding_dim or DLRM_EMBEDDING_DIM
-    return DLRM.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*a.bottom_layers, d],
-                            over_arch_layer_sizes=[*a.layers, 1], features=features)
-
+    return MODELS[a.model].from_options(schema, layers=a.layers, bottom_layers=a.bottom_layers,
+                                        embedding_dim=a.embedding_dim, features=features)
 
 def _feature_config(a: argparse.Namespace):
     """``--features FILE`` loaded (None without it); :class:`UsageError` when the file is bad."""
