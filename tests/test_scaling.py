@@ -10,7 +10,7 @@ import torch
 
 from ctrflow.train.config import EMBEDDING_LR, LR, TrainConfig
 from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD
-from ctrflow.train.scaling import REFERENCE_BATCH, batch_scaling, clip_floor
+from ctrflow.train.scaling import batch_scaling, clip_floor
 
 
 @pytest.mark.parametrize("batch", [1, 128, 512])
