@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import dask
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -99,6 +98,8 @@ def write_parquet(
     Returns:
         Per job, per written file: ``{"rows": n, "nulls": {col: n}, "oov": {col: n}}``.
     """
+    import dask  # here, not at module level: write_partition / atomic_dir stay usable without Dask
+
     tasks = []
     for ddf, out_dir in jobs:
         os.makedirs(out_dir, exist_ok=True)
