@@ -299,3 +299,16 @@ def test_cli_defaults_are_the_config_defaults(capsys):
     assert f"(default: {','.join(map(str, md.HIDDEN))})" in text
     assert f"default {md.DLRM_EMBEDDING_DIM}" in text and f"default {md.TABULAR_MAX_DIM}" in text
     assert f"adam {LR['adam']:g}" in text and f"adam {EMBEDDING_LR['adam']:g}" in text
+
+
+def test_unwritable_run_dir_is_refused_before_any_work(data, tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes anywhere: use a path under a regular file instead
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = blocker / "run"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "run"
+    line = _error(capsys, ["--data", str(data), "--out", str(out), *FAST])
+    assert "is not a writable directory" in line

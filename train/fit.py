@@ -234,6 +234,11 @@ def _check_run_dir(a: argparse.Namespace, out: str) -> None:
     from ctrflow.train.checkpoint import CheckpointError, latest_checkpoint
 
     ckpts = os.path.join(out, "checkpoints")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):  # the nearest existing ancestor is where the run dir gets created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {parent} is not a writable directory; pass a --out you can write to")
     if a.resume:
         ck = a.resume if isinstance(a.resume, str) and os.path.isfile(a.resume) else None
         if ck is None and latest_checkpoint(ckpts) is None:
