@@ -88,9 +88,8 @@ class Node:
         return self.op.output_column_names(self.input_columns)
 
     def __rshift__(self, op: Operator) -> Node:
-        from ctrflow.etl.ops.base import Operator
-
-        if not isinstance(op, Operator):
+        # An op is recognised by what the graph calls on it, not by isinstance: ops/base.py imports this module.
+        if not callable(getattr(op, "output_column_names", None)):
             raise TypeError(f"`>>` needs an operator on its right, got {type(op).__name__}")
         return Node(op=op, parents=[self])
 

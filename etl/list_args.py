@@ -107,7 +107,18 @@ def split(dataset: Any, args: argparse.Namespace) -> Any:
     if dataset is None:
         return None
     spec = {c: s for c, s in _specs(args)[0].items() if s}
-    return lists.split_dataset(dataset, spec) if spec else dataset
+    return split_dataset(dataset, spec) if spec else dataset
+
+
+def split_dataset(dataset: Any, spec: dict[str, str]) -> Any:
+    """A Dataset whose delimited string columns ``{column: separator}`` are split into lists."""
+    from ctrflow.etl.dataset import Dataset
+
+    if not spec:
+        return dataset
+    ddf = dataset.to_ddf()
+    return Dataset(ddf.map_partitions(lists.split_columns, spec, meta=lists.split_columns(ddf._meta, spec)),
+                   schema=dataset.schema)
 
 
 def claimed_columns(args: argparse.Namespace) -> set[str]:

@@ -277,14 +277,3 @@ def normal_list_type(t: pa.DataType) -> pa.DataType:
     elif pa.types.is_floating(v) or pa.types.is_null(v) or pa.types.is_boolean(v):
         v = pa.float64()
     return pa.list_(v)
-
-
-def split_dataset(dataset: Any, spec: dict[str, str]) -> Any:
-    """A Dataset whose delimited string columns ``{column: separator}`` are split into lists."""
-    from ctrflow.etl.dataset import Dataset
-
-    if not spec:
-        return dataset
-    ddf = dataset.to_ddf()
-    return Dataset(ddf.map_partitions(split_columns, spec, meta=split_columns(ddf._meta, spec)),
-                   schema=dataset.schema)

@@ -26,27 +26,35 @@ OUT/schema.json. Categorical ids int32, continuous float32, label float32.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 if __package__ in (None, ""):  # `python etl/run.py`: drop etl/ from the path so no module shadows a library
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from ctrflow.etl.cli_steps import (  # noqa: E402 - after the path fix above
+    UsageError,
+    dask_context,
+    fits_in_memory,
+    prepare_input,
+    print_summary,
+    progress,
+    random_split,
+    summarize,
+    synthetic_key,
+    write_splits,
+)
+
+__all__ = ["UsageError", "build_parser", "build_workflow", "main", "parse_args", "run", "synthetic_key"]
 
 DEFAULT_OUTPUT = os.path.join("data", "processed")
 CRITEO_CONTS = ",".join(f"I{i}" for i in range(1, 14))
 CRITEO_CATS = ",".join(f"C{i}" for i in range(1, 27))
 
 log = logging.getLogger("ctrflow.etl")
-
-
-class UsageError(ValueError):
-    """A user error: printed as one line, exit code 2."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -264,158 +272,6 @@ def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str],
     return Workflow(graph)
 
 
-@contextlib.contextmanager
-def dask_context(args: argparse.Namespace, backend: Any) -> Iterator[Any]:
-    """Dask config for the backend and, when asked, a distributed client (local or remote)."""
-    import dask
-
-    with dask.config.set({"dataframe.backend": backend.dask_backend, "dataframe.convert-string": False}):
-        if args.scheduler is None and args.workers is None:
-            yield None
-            return
-        from ctrflow.etl.cluster import close_client, dashboard_option, start_client
-
-        client, cluster = start_client(args.scheduler, args.workers, gpu=backend.name == "gpu",
-                                       dashboard_address=dashboard_option(getattr(args, "dashboard_address", None)))
-        workers = len(client.scheduler_info().get("workers", {}))
-        print(f"Dask cluster: {client.scheduler.address}, {workers} worker(s); dashboard: {client.dashboard_link}",
-              file=sys.stderr)
-        try:
-            yield client
-        finally:
-            close_client(client, cluster)
-
-
-def _guess_format(paths: list[str]) -> str:
-    first = paths[0]
-    if first.endswith((".parquet", ".pq")) or os.path.isdir(first):
-        return "parquet"
-    if first.endswith((".csv", ".csv.gz")):
-        return "csv"
-    return "criteo"
-
-
-def synthetic_key(rows: int, seed: int, sequences: bool) -> str:
-    """The cache sub-directory of one synthetic data set: everything that changes its bytes.
-
-    Args:
-        rows: ``--synthetic-rows``; seed: ``--seed``; sequences: ``--with-sequences``.
-
-    Returns:
-        e.g. ``rows-2000000-seed0-v3`` or ``rows-2000000-seed0-v3-seq1`` (generator versions included,
-        so a new generator never reuses an old data set).
-    """
-    from ctrflow.etl import synthetic
-
-    return f"rows-{rows}-seed{seed}-v{synthetic.VERSION}" + (f"-seq{synthetic.seqs.VERSION}" if sequences else "")
-
-
-def synthetic_input(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """Generate the synthetic raw data into the cache (``--cache-dir``), or reuse it when already there.
-
-    Args:
-        args: the parsed flags (``synthetic_rows``, ``seed``, ``with_sequences``, ``cache_dir``).
-
-    Returns:
-        (the raw data directory with ``train/`` and ``valid/``, its ``synthetic.json`` metadata).
-    """
-    from ctrflow.etl import cache, synthetic
-
-    seq = bool(getattr(args, "with_sequences", False))
-    raw = cache.cache_dir(getattr(args, "cache_dir", None), "synthetic",
-                          synthetic_key(args.synthetic_rows, args.seed, seq))
-    meta: dict[str, Any] = {}
-    meta_path = os.path.join(raw, "synthetic.json")
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):  # damaged by hand: regenerate
-            meta = {}
-    # The key already names these; checking the metadata too guards against a directory edited or copied by hand.
-    if (meta.get("version") == synthetic.VERSION and meta.get("rows") == args.synthetic_rows
-            and meta.get("seed") == args.seed
-            and (meta.get("sequences") or {}).get("version") == (synthetic.seqs.VERSION if seq else None)):
-        print(f"synthetic data: reusing {raw}", file=sys.stderr)
-    else:  # none yet, or damaged: generate into a temporary directory renamed into place when complete
-        t = time.perf_counter()
-        meta = synthetic.generate(raw, rows=args.synthetic_rows, seed=args.seed, sequences=seq)
-        print(f"synthetic data: generated {args.synthetic_rows:,} rows in {raw} ({time.perf_counter() - t:.1f} s)",
-              file=sys.stderr)
-    return raw, meta
-
-
-def prepare_input(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
-    """Training and validation Datasets (generating synthetic data when no input is given)."""
-    from ctrflow.etl import Dataset
-
-    meta: dict[str, Any] = {}
-    if args.input is None:
-        raw, meta = synthetic_input(args)
-        train = Dataset(os.path.join(raw, "train"), engine="parquet", part_size=args.part_size)
-        valid = Dataset(os.path.join(raw, "valid"), engine="parquet", part_size=args.part_size)
-        return train, valid, {"synthetic": meta}
-    fmt = args.format or _guess_format(args.input)
-    train = Dataset(args.input, engine=fmt, part_size=args.part_size)
-    if args.valid:
-        return train, Dataset(args.valid, engine=fmt, part_size=args.part_size), meta
-    return train, None, meta
-
-
-def _fits_in_memory(dataset: Any, share: float = 0.25) -> bool:
-    """True when the input's uncompressed size is under ``share`` of the machine's memory."""
-    size = dataset.estimated_bytes()
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return False
-    return size is not None and size < share * ram
-
-
-def random_split(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """Row-level random train / valid split, reproducible from ``seed`` (per partition)."""
-    import numpy as np
-
-    from ctrflow.etl import Dataset
-
-    ddf = dataset.to_ddf()
-
-    def take(df: Any, valid: bool, partition_info: dict | None = None) -> Any:
-        number = partition_info["number"] if partition_info else 0
-        u = np.random.default_rng([seed, number]).random(len(df))
-        return df[(u < fraction) if valid else (u >= fraction)]
-
-    return (Dataset(ddf.map_partitions(take, False, meta=ddf._meta)),
-            Dataset(ddf.map_partitions(take, True, meta=ddf._meta)))
-
-
-def write_splits(workflow: Any, schema: Any, train: Any, valid: Any, out: str, compression: str,
-                 empty: str) -> tuple[list[dict], list[dict], dict[str, int], float]:
-    """Transform both splits and write ``out/train`` and ``out/valid`` in one Dask compute.
-
-    Args:
-        workflow: the fitted (or updated) workflow; schema: its ``output_schema()``.
-        train, valid: the raw splits (Datasets); out: the temporary output directory.
-        compression: parquet codec (``none``: plain pages); empty: the error when train has no rows.
-
-    Returns:
-        (train file records, valid file records, ``{"train": rows, "valid": rows}``, seconds).
-    """
-    from ctrflow.etl.writer import write_parquet
-
-    t = time.perf_counter()
-    train_files, valid_files = write_parquet(
-        [(workflow.transform(train).to_ddf(), os.path.join(out, "train")),
-         (workflow.transform(valid).to_ddf(), os.path.join(out, "valid"))],
-        {c.name: c.dtype for c in schema.columns},
-        count_ids=[c.name for c in schema.columns if c.kind == "categorical"], compression=compression,
-    )
-    rows = {"train": sum(f["rows"] for f in train_files), "valid": sum(f["rows"] for f in valid_files)}
-    if rows["train"] == 0:
-        raise UsageError(empty)
-    return train_files, valid_files, rows, time.perf_counter() - t
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole ETL; returns the summary it prints."""
     from ctrflow.etl import dispatch, list_args
@@ -424,14 +280,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     backend = dispatch.get_backend(args.engine)
     if args.update:  # incremental day: update the saved workflow's stats instead of fitting
-        from ctrflow.etl.update import run_update
+        from ctrflow.etl.cli_update import run_update
 
         return run_update(args, backend)
     cats, conts = _split_list(args.cats), _split_list(args.conts)
     output = os.path.abspath(args.output)
     if os.path.exists(output) and not args.overwrite:
         raise UsageError(f"output {args.output} already exists: pass --overwrite to replace it")
-    with dask_context(args, backend), _progress(args, backend):
+    with dask_context(args, backend), progress(args, backend):
         train, valid, meta = prepare_input(args)
         from ctrflow.etl.update import input_fingerprint
 
@@ -449,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             valid.check_columns(needed)
         workflow = build_workflow(args, cats, conts, train.column_names)
         t_fit = time.perf_counter()
-        if not args.no_cache and _fits_in_memory(train):
+        if not args.no_cache and fits_in_memory(train):
             train = train.persist(needed)  # fit and transform then share one read of the input
         if valid is None:
             train, valid = random_split(train, args.valid_fraction or 0.1, args.seed)
@@ -472,59 +328,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "transform_write_seconds": round(write_s, 3), "backend": backend.name},
             })
             schema.save(os.path.join(tmp, "schema.json"))
-    summary = _summary(schema, workflow, rows, train_files, valid_files, seconds, fit_s, write_s, backend.name)
+    summary = summarize(schema, workflow, rows, train_files, valid_files, seconds, fit_s, write_s, backend.name)
     summary["output"] = args.output
     summary["lists"] = list_stats
     return summary
-
-
-@contextlib.contextmanager
-def _progress(args: argparse.Namespace, backend: Any) -> Iterator[None]:
-    if args.no_progress or args.scheduler or args.workers or not sys.stderr.isatty():
-        yield
-        return
-    from dask.diagnostics import ProgressBar
-
-    with ProgressBar(minimum=1.0, out=sys.stderr):
-        yield
-
-
-def _summary(schema, workflow, rows, train_files, valid_files, seconds, fit_s, write_s, backend) -> dict[str, Any]:
-    from ctrflow.etl.ops import Categorify
-
-    total = rows["train"] + rows["valid"]
-    cats = {}
-    fitted = {c: op.stats[c] for op in workflow.ops if isinstance(op, Categorify) for c in op.stats}
-    for col in schema.columns:
-        if col.kind != "categorical":
-            continue
-        vrows = max(rows["valid"], 1)
-        entry = {"cardinality": col.cardinality,
-                 "train_null_rate": sum(f["nulls"][col.name] for f in train_files) / rows["train"],
-                 "train_oov_rate": sum(f["oov"][col.name] for f in train_files) / rows["train"],
-                 "valid_null_rate": sum(f["nulls"][col.name] for f in valid_files) / vrows,
-                 "valid_oov_rate": sum(f["oov"][col.name] for f in valid_files) / vrows}
-        if col.name in fitted:
-            entry["distinct_in_fit"] = fitted[col.name]["distinct"]
-        cats[col.name] = entry
-    return {"rows": rows, "seconds": seconds, "fit_seconds": fit_s, "transform_write_seconds": write_s,
-            "rows_per_s": total / seconds if seconds else 0.0, "backend": backend, "categorical": cats}
-
-
-def print_summary(s: dict[str, Any]) -> None:
-    r = s["rows"]
-    print(f"ETL ({s['backend']}): {r['train']:,} train + {r['valid']:,} valid rows -> {s['output']} "
-          f"in {s['seconds']:.2f} s ({s['rows_per_s']:,.0f} rows/s; fit {s['fit_seconds']:.2f} s, "
-          f"transform+write {s['transform_write_seconds']:.2f} s)")
-    print(f"{'column':>12} {'cardinality':>12} {'null% train':>11} {'OOV% train':>10} {'null% valid':>11} "
-          f"{'OOV% valid':>10}")
-    for name, c in s["categorical"].items():
-        print(f"{name:>12} {c['cardinality']:>12,} {100 * c['train_null_rate']:>11.2f} "
-              f"{100 * c['train_oov_rate']:>10.2f} {100 * c['valid_null_rate']:>11.2f} "
-              f"{100 * c['valid_oov_rate']:>10.2f}")
-    from ctrflow.etl import list_args
-
-    list_args.print_summary(s.get("lists", {}))
 
 
 def main(argv: list[str] | None = None) -> int:

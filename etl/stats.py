@@ -80,6 +80,12 @@ def merge_moments(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     }
 
 
+def merge_moment_stats(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-column exact merge of fitted moments (count, mean, m2, min, max) with new ones (``Workflow.update``)."""
+    keys = ("count", "mean", "m2", "min", "max")
+    return {c: merge_moments({k: old[c][k] for k in keys}, new[c]) for c in new}
+
+
 def std_from_moments(m: dict[str, float]) -> float:
     """Sample standard deviation (ddof=1, as pandas and Dask compute it)."""
     return float(np.sqrt(m["m2"] / (m["count"] - 1))) if m["count"] > 1 else 0.0
@@ -105,6 +111,11 @@ def merge_sketches(a: dict[str, list[float]], b: dict[str, list[float]], size: i
     w = np.concatenate([a["weights"], b["weights"]]).astype(np.float64)
     order = np.argsort(v, kind="stable")
     return _compress(v[order], w[order], size)
+
+
+def merge_sketch_stats(old: dict[str, dict[str, Any]], new: dict[str, Any]) -> dict[str, Any]:
+    """Per-column merge of fitted quantile sketches (``old[c]["sketch"]``) with new ones (``Workflow.update``)."""
+    return {c: merge_sketches(old[c]["sketch"], sk) for c, sk in new.items()}
 
 
 def _compress(v: np.ndarray, w: np.ndarray, size: int) -> dict[str, list[float]]:

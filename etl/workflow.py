@@ -28,7 +28,7 @@ from ctrflow.etl.dataset import Dataset
 from ctrflow.etl.graph import Node, Selectable, as_node, graph_from_dict, graph_to_dict
 from ctrflow.etl.ops.base import Operator, op_from_dict, op_to_dict
 from ctrflow.etl.schema import ColumnSchema, Schema
-from ctrflow.etl.update import input_fingerprint, update_workflow
+from ctrflow.etl.update import check_not_seen, input_fingerprint
 from ctrflow.etl.versions import library_versions
 from ctrflow.etl.writer import atomic_dir
 
@@ -214,12 +214,39 @@ class Workflow:
 
     def update(self, dataset: Dataset, decay: float | None = None, force: bool = False,
                source: dict[str, Any] | None = None) -> Workflow:
-        """Merge a new day's stats into the fitted ones; ids stay, new categories get ids at the end.
+        """Merge a new day's stats into the fitted ones (in place); ids stay, new categories get ids at the end.
 
-        See :mod:`ctrflow.etl.update` (``decay``: time-decayed category counts; ``force``: ingest an
-        input seen before; ``source``: the input fingerprint to record).
+        Level by level like :meth:`fit`, each stat op's ``update_finalize`` gets the partials its ``fit``
+        computes on ``dataset`` (see :mod:`ctrflow.etl.update` for what each op keeps).
+
+        Args:
+            dataset: the new data (same input columns).
+            decay: multiply the stored category counts by this (0 < decay <= 1) before adding the new ones.
+            force: ingest an input whose files the workflow has seen before.
+            source: the fingerprint to record (default: ``input_fingerprint(dataset)``); the CLI passes
+                the raw input's when ``dataset`` is a split of it.
+
+        Returns:
+            This workflow, with updated stats and the input appended to ``seen``.
         """
-        return update_workflow(self, dataset, decay, force, source)
+        if not self.fitted:
+            raise RuntimeError("Workflow.update before Workflow.fit: fit it on the first day first")
+        if decay is not None and not 0 < decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        stuck = sorted({type(o).__name__ for o in self.ops if o.is_stat
+                        and type(o).update_finalize is Operator.update_finalize})
+        if stuck:  # checked first, so a failed update leaves the workflow as it was
+            raise ValueError(f"{', '.join(stuck)} cannot be updated incrementally: refit the workflow")
+        record = source if source is not None else input_fingerprint(dataset)
+        if not force:
+            check_not_seen(self.seen, record)
+        dataset.check_columns(self.input_columns)
+        ddf = dataset.to_ddf(self.input_columns)
+        # a level's new partials are computed through the already-updated stats below it
+        self._fit_levels(ddf, lambda op, stats: op.update_finalize(stats, decay))
+        if record is not None:
+            self.seen.append({**record, "decay": decay, "forced": bool(force)})
+        return self
 
     def fit_transform(self, dataset: Dataset) -> Dataset:
         return self.fit(dataset).transform(dataset)

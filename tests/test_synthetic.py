@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ctrflow.etl import synthetic, synthetic_model
+from ctrflow.etl import synthetic
+from ctrflow.etl.synthetic import model as synthetic_model
 
 ROWS = 20_000
 
@@ -150,7 +151,7 @@ def test_atomic_output(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(synthetic.pq, "write_table", boom)
+    monkeypatch.setattr(pq, "write_table", boom)  # the module generate() writes through
     with pytest.raises(OSError, match="disk full"):
         synthetic.generate(str(out), rows=2_000, seed=3)
     assert sorted(os.listdir(tmp_path)) == ["raw"]  # no temporary directory left behind

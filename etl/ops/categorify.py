@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from typing import Any
 
 import dask
@@ -27,9 +28,18 @@ import pyarrow.compute as pc
 from ctrflow.etl import dispatch, lists
 from ctrflow.etl.hashing import hash_values
 from ctrflow.etl.ops.base import Operator
-from ctrflow.etl.schema import id_dtype
+from ctrflow.etl.ops.counts import (
+    array_key,
+    lookup_values,
+    merge_counts,
+    merge_counts_into,
+    partial_counts,
+    plain_values,
+    resolve_counts,
+    tail_counts,
+)
+from ctrflow.etl.schema import embedding_dim, id_dtype
 from ctrflow.etl.stats import tree_reduce
-from ctrflow.etl.update import lookup_values, tail_counts, update_categorify
 
 PAD, NULL, OOV = 0, 1, 2
 _LUT_LOCK = threading.Lock()  # guards Categorify._lut_cache and _LUT_PENDING
@@ -88,6 +98,11 @@ class Categorify(Operator):
     def first_kept_id(self) -> int:
         return OOV + (self.num_buckets or 1)
 
+    @property
+    def keep_threshold(self) -> int:
+        """The count a value needs to be kept: ``freq_threshold``, where 0 and 1 both keep every value seen."""
+        return max(self.freq_threshold, 1)
+
     # ---- fit ------------------------------------------------------------------------------
     def fit(self, columns: list[str], ddf: Any) -> Any:
         merged = tree_reduce(ddf[columns], lambda df: {c: partial_counts(df[c]) for c in columns}, merge_counts)
@@ -102,11 +117,11 @@ class Categorify(Operator):
             computed = merge_counts([{joint: vc} for vc in per_column.values()])
 
         def vocabulary(counts: pa.Table) -> tuple[pa.Table, pa.Table]:
-            keep = counts.filter(pc.greater_equal(counts["count"], max(self.freq_threshold, 1)))
+            keep = counts.filter(pc.greater_equal(counts["count"], self.keep_threshold))
             keep = keep.sort_by([("count", "descending"), ("value", "ascending")])
             if self.max_size:
                 keep = keep.slice(0, self.max_size - self.first_kept_id)
-            return keep.combine_chunks(), tail_counts(counts, keep, max(self.freq_threshold, 1))
+            return keep.combine_chunks(), tail_counts(counts, keep, self.keep_threshold)
 
         # one sort per column, on a thread each (arrow's sort releases the GIL): the serial end of fit
         built = dispatch.thread_map(vocabulary, [vc["table"] for vc in computed.values()])
@@ -135,7 +150,37 @@ class Categorify(Operator):
             dispatch.thread_map(lambda cd: self._lut(cd[0], cd[1], id_dtype(self.cardinality(cd[0]))), shared_dicts)
 
     def update_finalize(self, computed: dict[str, dict[str, Any]], decay: float | None = None) -> None:
-        update_categorify(self, computed, decay)  # etl/update.py: ids kept, newly kept values appended
+        """Merge new value counts (``Workflow.update``): kept values keep their ids, values whose count
+        newly reaches ``freq_threshold`` are appended, decayed ones retired (:mod:`ctrflow.etl.update`)."""
+        room = self.max_size - self.first_kept_id if self.max_size else None
+        if self.encode_type == "joint":  # one vocabulary for every column, as in fit
+            key = self.vocabulary or "_".join(computed)
+            groups = {key: (merge_counts([{key: vc} for vc in computed.values()])[key], list(computed))}
+        else:
+            groups = {col: (vc, [col]) for col, vc in computed.items()}
+        for key, (new, cols) in groups.items():
+            dims = {c: self.stats[c].get("embedding_dim") or embedding_dim(self.cardinality(c)) for c in cols}
+            if key not in self.tails and self.stats[cols[0]].get("distinct", 0) > self.vocabs[key].num_rows:
+                warnings.warn(f"Categorify {key!r}: the workflow holds no counts of its values below freq_threshold "
+                              "(saved by an older ctrflow); they restart from zero", stacklevel=2)
+            vocab, tail, appended = merge_counts_into(self.vocabs[key], self.tails.get(key), new["table"],
+                                                      self.keep_threshold, room, decay)
+            self.vocabs[key], self.tails[key] = vocab, tail
+            active = vocab.filter(pc.invert(vocab["retired"])) if "retired" in vocab.column_names else vocab
+            active_rows = pc.sum(active["count"]).as_py() or 0
+            for c in cols:
+                old = self.stats[c]
+                rows, nulls = old["rows"] + int(computed[c]["rows"]), old["nulls"] + int(computed[c]["nulls"])
+                self.stats[c] = {
+                    **old, "kept": vocab.num_rows, "distinct": vocab.num_rows + tail.num_rows, "rows": rows,
+                    "nulls": nulls, "oov_rows": max(0, int(rows - nulls - active_rows)),
+                    "embedding_dim": int(dims[c]),  # pinned: the first fit's dim, whatever the cardinality now
+                    "appended": appended, "retired": vocab.num_rows - active.num_rows,
+                    "updates": old.get("updates", 0) + 1,
+                }
+                if "max_length" in computed[c]:
+                    self.stats[c]["max_length"] = max(old.get("max_length", 0), int(computed[c]["max_length"]))
+        self._lookup = {}
 
     def cardinality(self, column: str) -> int | None:
         if self.stats is None or column not in self.stats:
@@ -256,125 +301,8 @@ class Categorify(Operator):
         self._lookup = {}
 
 
-def value_counts(series: Any) -> dict[str, Any]:
-    """Counts of the distinct non-null values (list columns: elements) of one partition's column."""
-    if lists.is_list_series(series):  # one hash pass over the flat elements (no codes array)
-        offsets, flat = lists.flatten(lists.list_array(series))
-        flat = dispatch.nan_to_null(flat.dictionary_decode() if pa.types.is_dictionary(flat.type) else flat)
-        vc = pc.value_counts(flat)
-        values, counts = vc.field("values"), vc.field("counts")
-        if flat.null_count:
-            keep = values.is_valid()
-            values, counts = values.filter(keep), counts.filter(keep)
-        table = pa.table({"value": _plain(values), "count": counts.cast(pa.int64())})
-        lens = np.diff(offsets)
-        return {"table": table, "rows": len(flat), "nulls": flat.null_count,
-                "max_length": int(lens.max()) if lens.size else 0}
-    return resolve_counts({"c": partial_counts(series)})["c"]
-
-
-def partial_counts(series: Any) -> dict[str, Any]:
-    """One partition's counts in the form ``merge_counts`` adds up fastest.
-
-    Non-list columns give ``{"by_index": (uniques, positions, counts), ...}``: the counts of the
-    dictionary entries seen in the partition (positions ascending). Partitions that share a
-    dictionary (in-memory datasets, see ``readers.share_dictionaries``) then merge by adding counts
-    per position instead of hashing values, and no partial is larger than its partition's distinct
-    values; ``resolve_counts`` turns the result into the public ``{"table": ...}`` form.
-    """
-    if lists.is_list_series(series):
-        return value_counts(series)
-    codes, uniques = dispatch.factorize(series)
-    # slot 0 counts code -1 (null): no mask, no filtered copy; intp as bincount wants (no int8 overflow)
-    both = np.bincount(np.add(codes, 1, dtype=np.intp), minlength=len(uniques) + 1)
-    pos = np.flatnonzero(both[1:])
-    return {"by_index": (uniques, pos, both[1:][pos].astype(np.int64)), "rows": int(codes.size),
-            "nulls": int(both[0])}
-
-
-def _indexed_table(by_index: tuple[pa.Array, np.ndarray, np.ndarray]) -> pa.Table:
-    uniques, pos, counts = by_index
-    values = uniques if len(pos) == len(uniques) else uniques.take(pa.array(pos))
-    return pa.table({"value": _plain(values), "count": pa.array(counts, pa.int64())})
-
-
-def resolve_counts(computed: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Partials of ``partial_counts`` / ``merge_counts`` -> ``{"table": (value, count), "rows", "nulls"}``
-    (plus ``"dictionary"``: the dictionary every counted partition shared, for ``fit_finalize``)."""
-    out = {}
-    for col, vc in computed.items():
-        vc = dict(vc)
-        if "by_index" in vc:
-            vc["dictionary"] = vc["by_index"][0]
-            vc["table"] = _indexed_table(vc.pop("by_index"))
-        out[col] = vc
-    return out
-
-
-def array_key(arr: pa.Array) -> tuple:
-    """Identity of an arrow array's memory (equal keys of two live arrays = the same data)."""
-    return (str(arr.type), len(arr), arr.offset, tuple(b.address if b is not None else 0 for b in arr.buffers()))
-
-
-def merge_counts(partials: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Add up several partitions' value counts, column by column.
-
-    Partials over one shared dictionary add their count arrays; others are hashed together (one
-    group-by per column).
-    """
-    out = {}
-    for col in partials[0]:
-        indexed = [p[col].get("by_index") for p in partials]
-        if all(d is not None for d in indexed) and len({array_key(d[0]) for d in indexed}) == 1:
-            uniques = indexed[0][0]  # one shared dictionary: add the counts position by position
-            total = np.bincount(np.concatenate([d[1] for d in indexed]),
-                                weights=np.concatenate([d[2] for d in indexed]), minlength=len(uniques))
-            pos = np.flatnonzero(total)  # float64 sums of counts: exact below 2**53 rows
-            out[col] = {"by_index": (uniques, pos, total[pos].astype(np.int64)),
-                        "rows": sum(p[col]["rows"] for p in partials),
-                        "nulls": sum(p[col]["nulls"] for p in partials)}
-            continue
-        tables = [p[col]["table"] if "table" in p[col] else _indexed_table(p[col]["by_index"]) for p in partials]
-        tables = [t for t in tables if t.num_rows] or tables[:1]
-        if len(tables) > 1:
-            vtype = functools.reduce(_common_type, [t.schema.field("value").type for t in tables])
-            schema = pa.schema([("value", vtype), ("count", pa.int64())])
-            merged = pa.concat_tables([t.cast(schema) for t in tables]).group_by("value").aggregate([("count", "sum")])
-            merged = merged.rename_columns(["value", "count"]).select(["value", "count"])
-        else:
-            merged = tables[0]
-        out[col] = {"table": merged, "rows": sum(p[col]["rows"] for p in partials),
-                    "nulls": sum(p[col]["nulls"] for p in partials)}
-        if any("max_length" in p[col] for p in partials):  # list columns
-            out[col]["max_length"] = max(p[col].get("max_length", 0) for p in partials)
-    return out
-
-
-def _plain(arr: pa.Array) -> pa.Array:
-    """Values as a plain (non-dictionary, non-large) arrow array."""
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    if pa.types.is_large_string(arr.type):
-        arr = arr.cast(pa.string())
-    return arr
-
-
-def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType:
-    """A value type both partitions' values cast to (ints and floats -> float64, else string)."""
-    if a == b or pa.types.is_null(b):
-        return a
-    if pa.types.is_null(a):
-        return b
-    def is_num(t: pa.DataType) -> bool:
-        return pa.types.is_integer(t) or pa.types.is_floating(t)
-
-    if is_num(a) and is_num(b):
-        return pa.float64() if pa.types.is_floating(a) or pa.types.is_floating(b) else pa.int64()
-    return pa.string()
-
-
 def _align_type(uniques: pa.Array, target: pa.DataType) -> pa.Array:
-    uniques = _plain(uniques)
+    uniques = plain_values(uniques)
     if uniques.type == target:
         return uniques
     try:

@@ -15,8 +15,7 @@ import numpy as np
 
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
-from ctrflow.etl.stats import merge_columns, merge_moments, moments, std_from_moments, tree_reduce
-from ctrflow.etl.update import merge_moment_stats
+from ctrflow.etl.stats import merge_columns, merge_moment_stats, merge_moments, moments, std_from_moments, tree_reduce
 
 
 def fit_moments(columns: list[str], ddf: Any) -> Any:

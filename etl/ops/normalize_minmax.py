@@ -13,7 +13,7 @@ import numpy as np
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
 from ctrflow.etl.ops.normalize import fit_moments
-from ctrflow.etl.update import merge_moment_stats
+from ctrflow.etl.stats import merge_moment_stats
 
 
 class NormalizeMinMax(ColumnOp):

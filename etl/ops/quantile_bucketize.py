@@ -18,8 +18,7 @@ import numpy as np
 from ctrflow.etl import dispatch
 from ctrflow.etl.ops.base import ColumnOp
 from ctrflow.etl.ops.bucketize import digitize_with_nulls
-from ctrflow.etl.stats import merge_columns, merge_sketches, sketch, sketch_quantiles, tree_reduce
-from ctrflow.etl.update import merge_sketch_stats
+from ctrflow.etl.stats import merge_columns, merge_sketch_stats, merge_sketches, sketch, sketch_quantiles, tree_reduce
 
 
 class QuantileBucketize(ColumnOp):

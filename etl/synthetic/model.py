@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ctrflow.etl.synthetic_sequences import SequenceModel
+from ctrflow.etl.synthetic.sequences import SequenceModel
 
 BLOCK_ROWS = 1 << 16
 Q0 = 5e-3  # row frequency at which a category carries half of its effect
@@ -123,7 +123,7 @@ class ClickModel:
 
     def __init__(self, seed: int, sequences: bool = False) -> None:
         self.seed = seed
-        self.seq = SequenceModel(seed) if sequences else None  # etl/synthetic_sequences.py
+        self.seq = SequenceModel(seed) if sequences else None  # etl/synthetic/sequences.py
         self.effect: dict[str, np.ndarray] = {}  # [K + fresh + 1]; the last entry is null's effect
         self.salt: dict[str, int] = {}
         for c, name in enumerate(CATS):

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ctrflow.etl.synthetic.oracle import auc, finite, logloss
+
 VERSION = 1  # bump whenever the sequence data for a given seed changes (etl/run.py's cache keys on it)
 N_ITEMS = 20_000
 N_CLUSTERS = 100
@@ -225,13 +227,11 @@ def no_sequence_oracle(y: dict, p: dict, rows: dict) -> dict:
         y, p: ``{split: labels [n]}``, ``{split: true probabilities [n]}``.
         rows: ``{split: [3, n] (term, item_term, item)}``.
     """
-    from ctrflow.etl.synthetic import _finite, auc, logloss
-
     out = {}
     both = np.concatenate([rows["train"], rows["valid"]], axis=1)
     for s in ("valid", "train"):
         term, item_term, item = rows[s]
         logit = np.log(np.clip(p[s], 1e-300, None)) - np.log1p(-np.clip(p[s], None, 1 - 1e-16))
         q = 1.0 / (1.0 + np.exp(-no_sequence_logit(logit, term, item_term, item.astype(np.int64), both)))
-        out[f"{s}_auc"], out[f"{s}_logloss"] = _finite(auc(y[s], q)), _finite(logloss(y[s], q))
+        out[f"{s}_auc"], out[f"{s}_logloss"] = finite(auc(y[s], q)), finite(logloss(y[s], q))
     return out

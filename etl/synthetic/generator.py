@@ -7,11 +7,11 @@ last ``valid_fraction`` of the rows. Labels are Bernoulli draws from a known pro
 ``synthetic.json`` records the **oracle**: AUC and logloss of the true probabilities on each split,
 what a perfect model would score; a model's AUC minus the oracle's is the signal it missed.
 
-The click model (its terms, parameters and the row draw) is :mod:`ctrflow.etl.synthetic_model`;
+The click model (its terms, parameters and the row draw) is :mod:`ctrflow.etl.synthetic.model`;
 nothing else carries signal, so every term is learnable from what the standard Criteo ETL keeps.
 ``generate(..., sequences=True)`` (``etl/run.py --with-sequences``) adds a candidate ``item_id``, a
 newest-first click history ``hist_items`` and weighted ``tags`` whose overlap with the candidate adds
-to the logit (:mod:`ctrflow.etl.synthetic_sequences`); every other column stays byte-identical.
+to the logit (:mod:`ctrflow.etl.synthetic.sequences`); every other column stays byte-identical.
 With the defaults (2M rows, seed 0) the oracle validation AUC is about 0.78 at a click rate near 25%.
 The data depends on ``seed``, ``rows`` and ``valid_fraction``, not ``part_rows``, and equal arguments
 give identical bytes. This module turns the drawn rows into parquet parts and ``synthetic.json``.
@@ -29,10 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ctrflow.etl import synthetic_sequences as seqs
-from ctrflow.etl.synthetic_model import CATEGORICAL, CATS, CONTINUOUS, CONTS, ClickModel, draw_rows
+from ctrflow.etl.synthetic import sequences as seqs
+from ctrflow.etl.synthetic.model import CATEGORICAL, CATS, CONTS, ClickModel, draw_rows
+from ctrflow.etl.synthetic.oracle import auc, finite, logloss
 
-__all__ = ["CATEGORICAL", "CATS", "CONTINUOUS", "CONTS", "GENERATOR", "VERSION", "auc", "generate", "logloss"]
+__all__ = ["GENERATOR", "VERSION", "generate"]
 
 GENERATOR = "ctrflow.synthetic"
 VERSION = 3  # bump whenever the data for a given seed changes (caches key on it); 3: centred effects, BIAS -1.33
@@ -64,41 +65,6 @@ def _table(model: ClickModel, part: dict) -> pa.Table:
     return pa.Table.from_arrays(arrays + list(seq.values()), names=["label", *CONTS, *CATS, *seq])
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks [n] of x [n], ties sharing their average rank."""
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    first = np.r_[True, xs[1:] != xs[:-1]]
-    starts = np.flatnonzero(first)
-    ends = np.r_[starts[1:], len(x)]
-    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def auc(label: np.ndarray, score: np.ndarray) -> float:
-    """Exact ROC AUC (Mann-Whitney, ties count 1/2) of scores [n] for 0/1 labels [n]."""
-    pos = label.astype(bool)
-    n_pos = int(pos.sum())
-    n_neg = len(label) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")  # generate() stores it as null
-    r = _ranks(np.asarray(score, dtype=np.float64))
-    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def logloss(label: np.ndarray, prob: np.ndarray) -> float:
-    """Mean binary cross-entropy of probabilities [n] for 0/1 labels [n]."""
-    p = np.clip(prob, 1e-15, 1 - 1e-15)
-    return float(-np.mean(np.where(label.astype(bool), np.log(p), np.log1p(-p))))
-
-
-def _finite(x: float) -> float | None:
-    """``x``, or None (JSON null) when it is NaN: a split too small to hold both labels."""
-    return x if np.isfinite(x) else None
-
-
 def _split_sizes(n: int, part_rows: int) -> list[int]:
     """Near-equal part sizes, none above ``part_rows``."""
     parts = max(1, -(-n // part_rows))
@@ -126,7 +92,7 @@ def generate(
         valid_fraction: share of rows, taken from the end, that form the validation split.
         part_rows: at most this many rows per parquet file (one row group per file).
         sequences: add ``item_id``, ``hist_items``, ``tags`` and ``tags_weights`` and their click
-            effect (:mod:`ctrflow.etl.synthetic_sequences`); the other columns stay byte-identical.
+            effect (:mod:`ctrflow.etl.synthetic.sequences`); the other columns stay byte-identical.
 
     Returns:
         The metadata written to ``synthetic.json``: generator, seed, row counts, columns,
@@ -155,7 +121,7 @@ def generate(
             "cardinalities": {name: CATEGORICAL[name][0] for name in CATS},
             **tally,
             "ctr": {s: float(y[s].mean()) for s in y},
-            "oracle": {f"{s}_{m}": _finite(f(y[s], p[s])) for s in ("valid", "train")
+            "oracle": {f"{s}_{m}": finite(f(y[s], p[s])) for s in ("valid", "train")
                        for m, f in (("auc", auc), ("logloss", logloss))},
             "files": files,
         }
