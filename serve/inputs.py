@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,19 +23,11 @@ import pyarrow.compute as pc
 
 from ctrflow.etl.lists import is_list_type
 from ctrflow.etl.readers import normalize_arrow
+from ctrflow.serve.list_inputs import check_weights, list_column_array, list_from_arrow, weight_pairs
+from ctrflow.serve.values import ServeError, coerce, is_utf8, what
 
-
-class ServeError(ValueError):
-    """Bad input to the predictor (a 4xx over HTTP).
-
-    Args:
-        message: one line naming the problem.
-        field: the request field or column at fault (``None`` when it is the request as a whole).
-    """
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+__all__ = ["ServeError", "arrow_type", "column_array", "columns_from_pandas", "columns_from_records",
+           "concat_columns", "frame_from_records", "num_rows", "to_frame"]
 
 
 def arrow_type(dtype: str) -> pa.DataType | None:
@@ -60,58 +51,6 @@ def arrow_type(dtype: str) -> pa.DataType | None:
     return None
 
 
-def _what(v: Any) -> str:
-    return {bool: "a boolean", dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
-        type(v), type(v).__name__)
-
-
-def _coerce(col: str, i: int, v: Any, target: pa.DataType | None, element: int | None = None) -> Any:
-    """One value (or list element number ``element``) parsed to ``target`` (None for missing);
-    :class:`ServeError` naming column and row."""
-    if v is None:
-        return None
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    where = f"column {col!r} row {i}" + ("" if element is None else f" element {element}")
-    if target is None:
-        if isinstance(v, (dict, list)):
-            raise ServeError(f"{where}: expected a number or a string, got {_what(v)}", col)
-        return v
-    if pa.types.is_string(target):
-        if isinstance(v, str):
-            return v
-        if isinstance(v, int) and not isinstance(v, bool):
-            return str(v)
-        if isinstance(v, float) and v.is_integer():
-            return str(int(v))
-        raise ServeError(f"{where}: expected a string (a category), got {_what(v)} {v!r:.40}", col)
-    if isinstance(v, bool) or isinstance(v, (dict, list)):
-        raise ServeError(f"{where}: expected a number, got {_what(v)}", col)
-    if isinstance(v, str):
-        s = v.strip()
-        if not s:
-            return None  # an empty field is a missing value, as in the Criteo text files
-        try:
-            v = int(s) if pa.types.is_integer(target) and s.lstrip("+-").isdigit() else float(s)
-        except ValueError:
-            raise ServeError(f"{where}: {v!r:.40} is not a number", col) from None
-        if isinstance(v, float) and math.isnan(v):
-            return None
-    if not isinstance(v, (int, float)):
-        raise ServeError(f"{where}: expected a number, got {_what(v)}", col)
-    if isinstance(v, float) and not math.isfinite(v):
-        raise ServeError(f"{where}: {v} is not a finite number", col)
-    if pa.types.is_integer(target):
-        if not -(2**63) <= v < 2**63:
-            raise ServeError(f"{where}: {v:.6g} does not fit int64", col)
-        if isinstance(v, float):
-            if not v.is_integer():
-                raise ServeError(f"{where}: {v} is not an integer", col)
-            v = int(v)
-        return v
-    return float(v)
-
-
 def column_array(col: str, values: Sequence[Any], target: pa.DataType | None, sep: str | None = None) -> pa.Array:
     """One column of Python values as an arrow array of ``target``, validated.
 
@@ -120,8 +59,6 @@ def column_array(col: str, values: Sequence[Any], target: pa.DataType | None, se
     :func:`ctrflow.serve.list_inputs.list_column_array` (``sep``: the ETL's split separator).
     """
     if target is not None and is_list_type(target):
-        from ctrflow.serve.list_inputs import list_column_array
-
         return list_column_array(col, values, target, sep)
     if target is None:
         fast = False
@@ -138,22 +75,14 @@ def column_array(col: str, values: Sequence[Any], target: pa.DataType | None, se
                 return arr
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeError):
             pass
-    coerced = [_coerce(col, i, v, target) for i, v in enumerate(values)]
+    coerced = [coerce(col, i, v, target) for i, v in enumerate(values)]
     try:
         return pa.array(coerced, type=target, from_pandas=True)
     except UnicodeError:  # a lone surrogate ("\ud800") decodes from JSON but is no UTF-8 text
-        i = next((i for i, v in enumerate(coerced) if isinstance(v, str) and not _is_utf8(v)), 0)
+        i = next((i for i, v in enumerate(coerced) if isinstance(v, str) and not is_utf8(v)), 0)
         raise ServeError(f"column {col!r} row {i}: the string is not valid Unicode text", col) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:  # e.g. mixed kinds with no recorded type
         raise ServeError(f"column {col!r}: values of mixed or unsupported types ({e})", col) from None
-
-
-def _is_utf8(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return True
-    except UnicodeError:
-        return False
 
 
 def to_frame(arrays: Mapping[str, pa.Array]) -> pd.DataFrame:
@@ -189,12 +118,12 @@ def columns_from_records(rows: Any, types: Mapping[str, pa.DataType | None], fie
         ServeError: not a list, empty, a row that is not an object, a missing column, a bad value.
     """
     if not isinstance(rows, list):
-        raise ServeError(f"{field} must be a JSON list of objects (one per row), got {_what(rows)}", field)
+        raise ServeError(f"{field} must be a JSON list of objects (one per row), got {what(rows)}", field)
     if not rows:
         raise ServeError(f"{field} is empty: send at least one row", field)
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
-            raise ServeError(f"{field}[{i}] must be an object {{column: value}}, got {_what(r)}", f"{field}[{i}]")
+            raise ServeError(f"{field}[{i}] must be an object {{column: value}}, got {what(r)}", f"{field}[{i}]")
     nowhere = [c for c in types if not any(c in r for r in rows)]
     if nowhere:
         names = ", ".join(map(repr, nowhere[:8])) + (f" and {len(nowhere) - 8} more" if len(nowhere) > 8 else "")
@@ -256,8 +185,6 @@ def columns_from_pandas(df: pd.DataFrame, types: Mapping[str, pa.DataType | None
 def _plain_cast(arr: pa.Array, target: pa.DataType | None, sep: str | None) -> pa.Array | None:
     """``arr`` as ``target`` when arrow can convert it without changing values; None: parse value by value."""
     if target is not None and is_list_type(target):
-        from ctrflow.serve.list_inputs import list_from_arrow
-
         return list_from_arrow(arr, target, sep)
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
@@ -279,8 +206,6 @@ def _python_values(s: pd.Series) -> list[Any]:
 def _check_weights(arrays: Mapping[str, pa.Array], types: Mapping[str, pa.DataType | None]) -> None:
     """List weight columns (``X_weights``): one non-null weight per element of ``X``."""
     if any(t is not None and is_list_type(t) for t in types.values()):
-        from ctrflow.serve.list_inputs import check_weights, weight_pairs
-
         check_weights(arrays, weight_pairs(types))
 
 

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import torch
 
 from ctrflow.etl import lists
-from ctrflow.serve.inputs import ServeError, _coerce, _is_utf8, _what
+from ctrflow.serve.values import ServeError, coerce, is_utf8, what
 
 
 def is_list_target(t: pa.DataType | None) -> bool:
@@ -57,7 +57,7 @@ def _split(col: str, values: list[Any], sep: str) -> None:
     rows = [i for i, v in enumerate(values) if isinstance(v, str)]
     if not rows:
         return
-    bad = next((i for i in rows if not _is_utf8(values[i])), None)
+    bad = next((i for i in rows if not is_utf8(values[i])), None)
     if bad is not None:
         raise ServeError(f"column {col!r} row {bad}: the string is not valid Unicode text", col)
     parts = lists.split_strings(pa.array([values[i] for i in rows], pa.string()), sep).to_pylist()
@@ -100,12 +100,12 @@ def list_column_array(col: str, values: Sequence[Any], target: pa.DataType, sep:
             v = v.tolist()
         if not isinstance(v, (list, tuple)):
             form = f"a JSON array or a {sep!r}-separated string" if sep else "a JSON array"
-            raise ServeError(f"column {col!r} row {i}: expected a list ({form}), got {_what(v)}", col)
-        out.append([_coerce(col, i, e, elem, j) for j, e in enumerate(v)])
+            raise ServeError(f"column {col!r} row {i}: expected a list ({form}), got {what(v)}", col)
+        out.append([coerce(col, i, e, elem, j) for j, e in enumerate(v)])
     try:
         return pa.array(out, type=target)
     except UnicodeError:  # a lone surrogate ("\ud800") decodes from JSON but is no UTF-8 text
-        i = next((i for i, v in enumerate(out) if v and any(isinstance(e, str) and not _is_utf8(e) for e in v)), 0)
+        i = next((i for i, v in enumerate(out) if v and any(isinstance(e, str) and not is_utf8(e) for e in v)), 0)
         raise ServeError(f"column {col!r} row {i}: a string is not valid Unicode text", col) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
         raise ServeError(f"column {col!r}: list elements of unsupported types ({e})", col) from None

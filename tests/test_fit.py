@@ -252,7 +252,7 @@ def test_help_shows_every_default(capsys):
 def test_help_has_text_for_every_flag():
     import argparse
 
-    from ctrflow.train import fit
+    from ctrflow.train import fit_args as fit
 
     seen = []
 

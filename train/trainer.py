@@ -19,7 +19,6 @@ the ranks in step (gradient sync, gathered metrics); only rank 0 logs and writes
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ from torch import nn
 
 from ctrflow.train import ddp
 from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
+from ctrflow.train.hooks import call_hook
 from ctrflow.train.metrics import BinaryMetrics, RegressionMetrics
 from ctrflow.train.optim import build_optimizers, lr_factor
 from ctrflow.train.plot import plot_history
@@ -125,7 +125,7 @@ class Trainer(Resumable):
     def training_step(self, batch: Any, batch_idx: int = 0) -> torch.Tensor:
         with self._autocast():
             if hasattr(self.model, "training_step"):
-                loss = _call_hook(self.model.training_step, batch, batch_idx)
+                loss = call_hook(self.model.training_step, batch, batch_idx)
                 return loss["loss"] if isinstance(loss, dict) else loss
             return self._loss(*self._forward(batch))
 
@@ -183,7 +183,7 @@ class Trainer(Resumable):
                 batch = self._to_device(batch)
                 with self._autocast():
                     if hasattr(self.model, "validation_step"):
-                        res = _call_hook(self.model.validation_step, batch, batch_idx)
+                        res = call_hook(self.model.validation_step, batch, batch_idx)
                         if isinstance(res, tuple):
                             res = {"logits": res[0], "label": res[1]}
                         elif torch.is_tensor(res):
@@ -391,14 +391,3 @@ class Trainer(Resumable):
         """Write the loss / AUC (or RMSE) curve of this run's history as a PNG."""
         return plot_history(path, self.history, "auc" if self.cfg.task == "binary" else "rmse")
 
-
-def _call_hook(hook: Any, batch: Any, batch_idx: int) -> Any:
-    """Call a model's ``training_step`` / ``validation_step`` as seed 000 (``(batch)``) or Lightning
-    (``(batch, batch_idx)``) writes it, by the number of positional parameters it takes."""
-    try:
-        params = inspect.signature(hook).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C callable: the plain convention
-        return hook(batch)
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    takes_more = any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2
-    return hook(batch, batch_idx) if takes_more else hook(batch)

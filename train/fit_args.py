@@ -1,0 +1,138 @@
+"""``train/fit.py``'s command line: every flag, its help and its default (read from
+:class:`~ctrflow.train.config.TrainConfig` and :mod:`ctrflow.models.defaults`, never written here)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, TABULAR_MAX_DIM
+from ctrflow.models.protocol import MODELS
+from ctrflow.train.config import EMBEDDING_LR, LR, OPTIMIZERS, TrainConfig
+
+# Every default below is TrainConfig's or ctrflow.models.defaults' (tests/test_fit.py checks it).
+D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(x < 1 for x in out):
+        raise argparse.ArgumentTypeError(f"layer widths must be >= 1, got {text!r}")
+    return out
+
+
+class UsageError(Exception):
+    """Bad input (exit code 2, one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default (lists comma-joined, as they are typed), unless its help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d is argparse.SUPPRESS:
+            return text
+        shown = ",".join(map(str, d)) if isinstance(d, list) else str(d).replace("%", "%%")
+        return f"{text} (default: {shown})"
+
+
+def prog_name(script: str) -> str:
+    """The command as the user typed it: ``ctrflow-fit`` for the console script, else ``python <script>``."""
+    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if base.startswith("ctrflow-"):
+        return base
+    return f"python {script}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; :class:`UsageError` on bad arguments."""
+    p = _Parser(prog=prog_name("train/fit.py"), formatter_class=_Help,
+                description="Train a CTR model on a processed dataset and report validation AUC / logloss (or RMSE).")
+    p.add_argument("--data", default="data/processed", help="processed dataset dir (etl/run.py's --output)")
+    p.add_argument("--model", choices=tuple(MODELS), default="dlrm",
+                   help="dlrm (torchrec's DLRM) or tabular (fastai's TabularModel)")
+    p.add_argument("--batch-size", type=int, default=D["batch_size"], help="training rows per batch")
+    p.add_argument("--valid-batch-size", type=int, default=D["valid_batch_size"], help="rows per validation batch")
+    p.add_argument("--epochs", type=int, default=D["epochs"], help="passes over the training split")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="run length in optimizer steps (default: the epochs' steps); the lr schedule ends here")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop (checkpointed) once the run reaches step STEP without shortening the lr "
+                        "schedule; --resume then continues it as if never stopped (default: run to the end)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=D["optimizer"],
+                   help="rule for the MLPs (and the tables unless --embedding-optimizer)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="MLP learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")")
+    p.add_argument("--embedding-lr", type=float, default=None,
+                   help="learning rate of the tables (default: "
+                        + ", ".join(f"{k} {v:g}" for k, v in EMBEDDING_LR.items()) + ")")
+    p.add_argument("--embedding-optimizer", choices=OPTIMIZERS, default=D["embedding_optimizer"],
+                   help="rule for the embedding tables (default: --optimizer; row-wise Adagrad / lazy Adam)")
+    p.add_argument("--no-batch-scaling", action="store_true",
+                   help="keep the batch-512 learning rates at any --batch-size (default: above 512 rows per step "
+                        "the dense lr grows with sqrt(batch / 512), the warm-up lengthens, and the tables get "
+                        "CowClip clipping and an L2 that grows with the batch; see ctrflow.train.scaling)")
+    p.add_argument("--warmup", type=float, default=D["warmup_steps"], help="warm-up steps (< 1: share of the run)")
+    p.add_argument("--decay", choices=("cosine", "linear", "none"), default=D["decay"],
+                   help="learning-rate decay after the warm-up")
+    p.add_argument("--min-lr-factor", type=float, default=D["min_lr_factor"],
+                   help="the decay ends at this share of the lr")
+    p.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="batches per optimizer step")
+    p.add_argument("--embedding-dim", type=int, default=None,
+                   help=f"DLRM: every table's dim (default {DLRM_EMBEDDING_DIM}); tabular: cap of the schema's dims "
+                        f"(default {TABULAR_MAX_DIM}; the seed notebook used 16)")
+    p.add_argument("--layers", type=_ints, default=list(HIDDEN),
+                   help="hidden widths: tabular MLP; DLRM top MLP (before its output)")
+    p.add_argument("--bottom-layers", type=_ints, default=list(HIDDEN),
+                   help="DLRM bottom MLP (before its projection to --embedding-dim)")
+    p.add_argument("--task", choices=("binary", "regression"), default=None,
+                   help="loss and metrics (default: the task the ETL recorded in schema.json; binary if none)")
+    p.add_argument("--features", default=None, metavar="FILE",
+                   help="TOML/JSON embedding options per feature: dims, shared tables, list features and their "
+                        "combiners, initialisers (see ctrflow.models.features; default: none)")
+    p.add_argument("--device", default=D["device"], help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
+    p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=("auto", "bf16", "off"),
+                   help="bfloat16 autocast: auto = on CUDA only; bare --amp = bf16 on any device")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate (and checkpoint) every N steps; default: 5 times per run; 0: at epoch ends only")
+    p.add_argument("--log-every", type=int, default=D["log_every"],
+                   help="a log line and metrics.jsonl record every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=D["checkpoint_every"],
+                   help="also checkpoint every N steps (0: only at evaluations and epoch ends)")
+    p.add_argument("--keep", type=int, default=D["keep_checkpoints"], help="checkpoints to keep")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<model>-<timestamp>)")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue the run in --out (or from a checkpoint file / run dir given here)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the shuffle")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--parts-per-chunk", type=int, default=2,
+                   help="row groups the loader reads and shuffles together")
+    p.add_argument("--cache", action="store_true",
+                   help="keep the decoded training data in memory after epoch 1 (for several --epochs)")
+    p.add_argument("--no-loader-bench", action="store_true",
+                   help="skip the loader-alone timing pass after training (it reads the training split once "
+                        "more to print the loader's rows/s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("--sharded-embeddings", action="store_true",
+                   help="torchrun: shard the tables over the ranks with torchrec (needs torchrec)")
+    a = p.parse_args(argv)
+    for name in ("batch_size", "valid_batch_size", "epochs", "grad_accum", "log_every", "keep", "parts_per_chunk"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    for name in ("max_steps", "stop_after", "threads", "embedding_dim"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:
+        p.error("learning rates must be > 0")
+    return a
