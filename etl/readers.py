@@ -11,16 +11,20 @@ masked ints) cost ten times the parquet decode on Criteo-shaped data.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ctrflow.etl import dispatch, lists
+
+log = logging.getLogger("ctrflow.etl")
 
 CRITEO_CONTS = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATS = [f"C{i}" for i in range(1, 27)]
@@ -43,9 +47,25 @@ class Piece:
 
 
 # ---- dtype normalisation -------------------------------------------------------------------
+def _inf_to_null(name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """±inf as a missing value (null), like an empty field: one ``inf`` would otherwise turn a column's
+    mean and variance, and so every normalised value of it, into inf / NaN. Says how many, once per column."""
+    if col.null_count == len(col) or not pc.any(pc.is_inf(col)).as_py():
+        return col
+    n = pc.sum(pc.is_inf(col)).as_py()
+    if name not in _INF_SEEN:
+        _INF_SEEN.add(name)
+        log.warning("column %s: %d infinite value(s) in this partition are treated as missing (null); "
+                    "FillMissing fills them like any missing value", name, n)
+    return pc.if_else(pc.is_inf(col), pa.scalar(None, pa.float64()), col)
+
+
+_INF_SEEN: set[str] = set()
+
+
 def normalize_arrow(table: pa.Table) -> pa.Table:
-    """Strings to dictionary, other numerics to int64 / float64, lists to ``list<string | int64 |
-    float64>`` (``lists.normal_list_type``), one chunk per column."""
+    """Strings to dictionary, other numerics to int64 / float64 (±inf as null), lists to ``list<string |
+    int64 | float64>`` (``lists.normal_list_type``), one chunk per column."""
     cols, fields = [], []
     for name, col in zip(table.column_names, table.columns, strict=True):
         t = col.type
@@ -55,8 +75,8 @@ def normalize_arrow(table: pa.Table) -> pa.Table:
             col = col.cast(t.value_type)
         elif pa.types.is_integer(t) and t != pa.int64():
             col = col.cast(pa.int64())
-        elif pa.types.is_floating(t) and t != pa.float64():
-            col = col.cast(pa.float64())
+        elif pa.types.is_floating(t):
+            col = _inf_to_null(name, col.cast(pa.float64()) if t != pa.float64() else col)
         elif pa.types.is_null(t) or pa.types.is_boolean(t):
             col = col.cast(pa.float64())
         elif lists.is_list_type(t):

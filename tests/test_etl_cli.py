@@ -331,3 +331,26 @@ def test_usage_line_of_each_entry_point(command, prog):
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: {prog} [-h]")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_an_infinite_value_is_a_missing_value(tmp_path, fmt):
+    # One inf used to make I1's mean inf and every normalised I1 -inf / NaN, with exit 0.
+    rng = np.random.default_rng(0)
+    n = 2000
+    df = pd.DataFrame({"I1": rng.integers(0, 100, n).astype(float), "I2": rng.random(n),
+                       "C1": [f"v{x}" for x in rng.integers(0, 20, n)], "label": rng.integers(0, 2, n).astype(float)})
+    df.loc[7, "I1"] = np.inf
+    df.loc[9, "I2"] = -np.inf
+    path = tmp_path / f"raw.{fmt}"
+    df.to_parquet(path) if fmt == "parquet" else df.to_csv(path, index=False)
+    out = tmp_path / "out"
+    assert main(["--input", str(path), "--cats", "C1", "--conts", "I1,I2", "--output", str(out),
+                 "--valid-fraction", "0.1", "--no-progress"]) == 0
+    for split in ("train", "valid"):
+        t = pd.read_parquet(out / split)
+        assert np.isfinite(t[["I1", "I2"]].to_numpy()).all(), split
+    finite = df.replace([np.inf, -np.inf], np.nan)
+    logged = np.log1p(finite["I1"].clip(lower=0))  # the ETL's chain: fill (median) -> clip 0 -> log -> normalise
+    t = pd.read_parquet(out / "train")
+    assert abs(t["I1"].mean()) < 0.2 and 0.5 < t["I1"].std() < 1.5 and np.isfinite(logged.mean())
