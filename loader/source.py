@@ -125,11 +125,20 @@ def _files_and_schema(source: Any) -> tuple[list[str], Schema | None]:
     )
 
 
+class ColumnTypeError(TypeError, ValueError):
+    """A column's type does not fit what the loader delivers (a user error: bad data, not a bug).
+
+    A ``TypeError`` as before, and a ``ValueError`` like the loader's other input errors, so callers
+    catching either see it.
+    """
+
+
 def _cat_dtype(names: tuple[str, ...], arrow_schema: pa.Schema, schema: Schema | None) -> torch.dtype:
     for name in names:
         t = arrow_schema.field(name).type
         if not pa.types.is_integer(t):
-            raise TypeError(f"categorical column {name!r} has type {t}; categorical ids must be integers")
+            raise ColumnTypeError(f"categorical column {name!r} has type {t}; categorical ids must be integers "
+                                  "(is this raw data? the loader reads etl/run.py's output: run it on the raw files)")
         wide = t.bit_width > 32 or (t.bit_width == 32 and pa.types.is_unsigned_integer(t))
         if schema is not None and name in schema.categorical:
             card = schema[name].cardinality or 0
@@ -207,7 +216,8 @@ def resolve(
     for name in conts_t + labels_t:
         t = arrow_schema.field(name).type
         if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
-            raise TypeError(f"column {name!r} has type {t}; continuous and label columns must be numeric")
+            raise ColumnTypeError(f"column {name!r} has type {t}; continuous and label columns must be numeric "
+                                  "(is this raw data? the loader reads etl/run.py's output: run it on the raw files)")
     weights_t = _list_weights(lists_t, list_weights, schema)
     _check_lists(lists_t, weights_t, arrow_schema)
     columns = Columns(cats_t, conts_t, labels_t, _cat_dtype(cats_t, arrow_schema, schema), lists_t, weights_t)

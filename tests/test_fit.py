@@ -312,3 +312,17 @@ def test_unwritable_run_dir_is_refused_before_any_work(data, tmp_path, capsys):
         out = locked / "run"
     line = _error(capsys, ["--data", str(data), "--out", str(out), *FAST])
     assert "is not a writable directory" in line
+
+
+def test_raw_string_data_with_a_copied_schema_is_one_line(data, tmp_path, capsys):
+    # Raw (string) parquet beside a schema.json copied from a processed set: a TypeError traceback before.
+    raw = tmp_path / "raw"
+    for split in ("train", "valid"):
+        (raw / split).mkdir(parents=True)
+        t = pq.read_table(next((data / split).glob("*.parquet")))
+        cols = {n: (pa.array([f"h{v}" for v in t[n].to_pylist()]) if n.startswith("C") else t[n])
+                for n in t.column_names}
+        pq.write_table(pa.table(cols), raw / split / "part-0.parquet")
+    (raw / "schema.json").write_text((data / "schema.json").read_text())
+    line = _error(capsys, ["--data", str(raw), "--out", str(tmp_path / "r"), *FAST])
+    assert "categorical column 'C0'" in line and "run it on the raw files" in line
