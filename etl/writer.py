@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctrflow.etl import dispatch
+from ctrflow.etl.atomic import remove_stale, temp_path
 from ctrflow.etl.parquet_layout import MIN_ROW_GROUP, mark_required, write_options
 
 
@@ -28,7 +28,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str
         raise FileExistsError(f"output {path} already exists: pass --overwrite (overwrite=True) to replace it")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale(path)  # what a killed run of this output left behind
+    tmp = temp_path(path)
     os.makedirs(tmp)
     try:
         yield tmp

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
+
+from ctrflow.etl.atomic import remove_stale, temp_path
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 
@@ -80,9 +81,12 @@ def save_checkpoint(directory: str, state: dict[str, Any], step: int, keep: int 
     """
     os.makedirs(directory, exist_ok=True)
     path = checkpoint_path(directory, step)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
+    for name in os.listdir(directory):  # temporaries of checkpoints a killed run was writing
+        if name.startswith(".ckpt-") and ".tmp-" in name:
+            remove_stale(os.path.join(directory, name[1 : name.index(".tmp-")]))
+    tmp = temp_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctrflow.etl.atomic import remove_stale, temp_path
 from ctrflow.etl.synthetic import sequences as seqs
 from ctrflow.etl.synthetic.model import CATEGORICAL, CATS, CONTS, ClickModel, draw_rows
 from ctrflow.etl.synthetic.oracle import auc, finite, logloss
@@ -109,7 +109,9 @@ def generate(
     out = os.path.abspath(output_dir)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = _fresh_dir(parent, f".{os.path.basename(out)}.tmp-")
+    remove_stale(out)  # what a killed run of this output left behind
+    tmp = temp_path(out)
+    os.mkdir(tmp)
     try:
         splits = {"train": _split_sizes(train_rows, part_rows), "valid": _split_sizes(valid_rows, part_rows)}
         files, y, p, tally = _write_parts(model, tmp, rows, train_rows, splits)
@@ -192,19 +194,13 @@ def _write_parts(model: ClickModel, tmp: str, rows: int, train_rows: int, splits
     return files, y, p, tally
 
 
-def _fresh_dir(parent: str, prefix: str) -> str:
-    """A new empty directory ``parent/prefix<random>`` with the umask's permissions (mkdtemp uses 0700)."""
-    path = os.path.join(parent, prefix + secrets.token_hex(8))
-    os.mkdir(path)
-    return path
-
-
 def _swap_in(tmp: str, out: str) -> None:
     """Rename the finished ``tmp`` to ``out``, moving an existing ``out`` aside first."""
     if not os.path.exists(out):
         os.rename(tmp, out)
         return
-    old = _fresh_dir(os.path.dirname(out), f".{os.path.basename(out)}.old-")
+    old = temp_path(out, "old")
+    os.mkdir(old)
     os.rename(out, os.path.join(old, "d"))
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
