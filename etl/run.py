@@ -275,6 +275,7 @@ def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str],
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole ETL; returns the summary it prints."""
     from ctrflow.etl import dispatch, list_args
+    from ctrflow.etl.ops.label import LabelError
     from ctrflow.etl.versions import library_versions
     from ctrflow.etl.writer import atomic_dir
 
@@ -314,8 +315,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fit_s = time.perf_counter() - t_fit
         schema = workflow.output_schema()
         with atomic_dir(output, overwrite=args.overwrite) as tmp:
-            train_files, valid_files, rows, write_s = write_splits(
-                workflow, schema, train, valid, tmp, args.compression, "the training input has no rows: check --input")
+            try:
+                train_files, valid_files, rows, write_s = write_splits(
+                    workflow, schema, train, valid, tmp, args.compression,
+                    "the training input has no rows: check --input")
+            except LabelError:  # raised by the first bad partition: count them all for the message
+                raise LabelError(_label_report(args, {"training": train, "validation": valid})) from None
             workflow.meta = {"inputs": args.input or "synthetic", "format": args.format, "task": args.task,
                              # 'COL:SEP' splits run before the workflow: ctrflow.serve splits requests alike
                              "list_separators": {c: s for c, s in getattr(args, "list_spec", {}).items() if s}}
@@ -332,6 +337,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary["output"] = args.output
     summary["lists"] = list_stats
     return summary
+
+
+def _label_report(args: argparse.Namespace, splits: dict[str, Any]) -> str:
+    """The bad labels of every split, counted in full (the transform stops at the first bad partition)."""
+    from ctrflow.etl.ops.label import count_bad_labels, label_message
+
+    found = {k: count_bad_labels(args.label, args.task, ds.to_ddf([args.label])) for k, ds in splits.items()}
+    total = sum(n for n, _ in found.values())
+    where = "(" + ", ".join(f"{n:,} in the {k} split" for k, (n, _) in found.items() if n) + ")"
+    example = next(ex for n, ex in found.values() if n)
+    return label_message(args.label, args.task, total, example, where)
 
 
 def main(argv: list[str] | None = None) -> int:

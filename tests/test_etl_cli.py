@@ -354,3 +354,30 @@ def test_an_infinite_value_is_a_missing_value(tmp_path, fmt):
     logged = np.log1p(finite["I1"].clip(lower=0))  # the ETL's chain: fill (median) -> clip 0 -> log -> normalise
     t = pd.read_parquet(out / "train")
     assert abs(t["I1"].mean()) < 0.2 and 0.5 < t["I1"].std() < 1.5 and np.isfinite(logged.mean())
+
+
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_label_errors_count_every_partition_and_give_the_right_hint(tmp_path, capsys, task):
+    # The count used to be the first failing partition's, and NaN labels got "choose --task regression".
+    rng = np.random.default_rng(1)
+    for i in range(3):  # three files = three partitions, 40 NaN labels in each
+        n = 1000
+        df = pd.DataFrame({"I1": rng.random(n), "C1": [f"v{x}" for x in rng.integers(0, 9, n)],
+                           "label": rng.integers(0, 2, n).astype(float)})
+        df.loc[:39, "label"] = np.nan
+        df.to_parquet(tmp_path / f"in-{i}.parquet")
+    assert main(["--input", str(tmp_path), "--cats", "C1", "--conts", "I1", "--task", task, "--valid-fraction",
+                 "0.1", "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "has 120 value(s)" in line, line
+    assert "drop or fill the rows whose label is missing" in line and "--task regression" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_numeric_label_on_a_binary_task_suggests_regression(tmp_path, capsys):
+    df = pd.DataFrame({"I1": np.arange(200.0), "C1": ["a", "b"] * 100, "label": np.arange(200.0) % 5})
+    df.to_parquet(tmp_path / "in.parquet")
+    assert main(["--input", str(tmp_path / "in.parquet"), "--cats", "C1", "--conts", "I1", "--output",
+                 str(tmp_path / "out"), "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "choose --task regression" in line and "0 or 1" in line

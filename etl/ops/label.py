@@ -43,15 +43,43 @@ class Label(ColumnOp):
 
     def transform_column(self, name: str, series: Any) -> Any:
         y = dispatch.to_float(series)
-        xp = dispatch.xp_of(y)
-        bad = ~xp.isfinite(y)
-        if self.task == "binary":
-            bad |= (y != 0) & (y != 1)
+        bad = bad_labels(y, self.task)
         if bool(bad.any()):
             example = float(dispatch.to_numpy(y[bad])[0])
-            allowed = "0 or 1" if self.task == "binary" else "finite numbers"
-            raise LabelError(
-                f"label column {name!r} has {int(bad.sum())} value(s) outside {allowed} (e.g. {example}) "
-                f"for task {self.task!r}: clean the input or choose --task regression"
-            )
+            raise LabelError(label_message(name, self.task, int(bad.sum()), example, "in one partition"))
         return dispatch.series_like(series, y.astype(np.float32), name=name)
+
+
+def bad_labels(y: Any, task: str) -> Any:
+    """Boolean mask of the labels ``task`` does not allow (null / NaN / inf; for binary, not 0 or 1)."""
+    xp = dispatch.xp_of(y)
+    bad = ~xp.isfinite(y)
+    if task == "binary":
+        bad |= (y != 0) & (y != 1)
+    return bad
+
+
+def label_message(name: str, task: str, count: int, example: float, where: str) -> str:
+    """One line: how many labels are bad, where, an example, and the fix that fits what is wrong."""
+    allowed = "0 or 1" if task == "binary" else "finite numbers"
+    if np.isfinite(example) and task == "binary":
+        fix = "clean the input, or choose --task regression if the label is a number to predict"
+    else:
+        fix = "drop or fill the rows whose label is missing"
+    return f"label column {name!r} has {count:,} value(s) outside {allowed} {where} (e.g. {example}): {fix}"
+
+
+def _count_bad(series: Any, task: str) -> tuple[int, float]:
+    y = dispatch.to_float(series)
+    bad = bad_labels(y, task)
+    n = int(bad.sum())
+    return n, float(dispatch.to_numpy(y[bad])[0]) if n else float("nan")
+
+
+def count_bad_labels(name: str, task: str, ddf: Any) -> tuple[int, float]:
+    """Bad labels of a whole Dask DataFrame: ``(count, an example value)``, for the error message."""
+    import dask
+
+    parts = dask.compute(*[dask.delayed(_count_bad)(p, task) for p in ddf[name].to_delayed()])
+    n = sum(c for c, _ in parts)
+    return n, next((ex for c, ex in parts if c), float("nan"))
