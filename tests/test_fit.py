@@ -326,3 +326,16 @@ def test_raw_string_data_with_a_copied_schema_is_one_line(data, tmp_path, capsys
     (raw / "schema.json").write_text((data / "schema.json").read_text())
     line = _error(capsys, ["--data", str(raw), "--out", str(tmp_path / "r"), *FAST])
     assert "categorical column 'C0'" in line and "run it on the raw files" in line
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_newest_readable(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(out), "--checkpoint-every", "2", "--no-loader-bench", *FAST]
+    assert main([*common, "--stop-after", "6"]) == 0
+    (out / "checkpoints" / "ckpt-00000006.pt").write_bytes(b"truncated by a full disk")
+    capsys.readouterr()
+    assert main([*common, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "ckpt-00000006.pt" in err
+    assert "resuming from the newest readable one" in err and "ckpt-00000004.pt" in err
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("ckpt-00000004.pt")

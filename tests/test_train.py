@@ -138,8 +138,11 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="holds a DLRM, not a TabularModel"):
         Trainer(_tabular(), out_dir=str(tmp_path), **_quiet()).resume(True)
     bad = tmp_path / "checkpoints" / "ckpt-00000099.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    bad.write_bytes(b"not a checkpoint")  # the newest is corrupt: the newest readable one is used instead
+    assert Trainer(_dlrm(), out_dir=str(tmp_path), **_quiet()).resume(True).endswith("ckpt-00000002.pt")
+    for good in (tmp_path / "checkpoints").glob("ckpt-0000000*.pt"):
+        good.write_bytes(b"also corrupt")
+    with pytest.raises(CheckpointError, match="no readable checkpoint .*cannot read checkpoint"):
         Trainer(_dlrm(), out_dir=str(tmp_path), **_quiet()).resume(True)
 
 

@@ -14,6 +14,7 @@ keep-last-N, loading) is :mod:`ctrflow.train.checkpoint`'s.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -24,6 +25,7 @@ from ctrflow.train.checkpoint import (
     check_fits,
     checkpoint_path,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -82,23 +84,45 @@ class Resumable:
         set_rng_state(state["rng"])
 
     def resume(self, path: str | bool = True) -> str | None:
-        """Load ``path``, or with ``True`` the newest checkpoint of the run directory (None if none)."""
+        """Load ``path`` (a checkpoint file, or a run / checkpoints directory), or with ``True`` the run
+        directory's; from a directory the newest checkpoint that reads (None if it holds none)."""
         if path is True:
             if not self.ckpt_dir:
                 raise CheckpointError("resume needs a run directory (out_dir)")
-            path = latest_checkpoint(self.ckpt_dir)
-            if path is None:
+            if latest_checkpoint(self.ckpt_dir) is None:
                 return None
-        if os.path.isdir(path):
-            found = latest_checkpoint(path) or latest_checkpoint(os.path.join(path, "checkpoints"))
-            if found is None:
+            directory = self.ckpt_dir
+        elif os.path.isdir(path):
+            directory = path if latest_checkpoint(path) else os.path.join(path, "checkpoints")
+            if latest_checkpoint(directory) is None:
                 raise CheckpointError(f"no checkpoint in {path}")
-            path = found
-        if not os.path.exists(path):
+        elif not os.path.exists(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
-        self.load_state_dict(load_checkpoint(path), path)
+        else:
+            directory = None
+        if directory is None:
+            state = load_checkpoint(path)
+        else:
+            path, state = self._newest_readable(directory)
+        self.load_state_dict(state, path)
         self.last_checkpoint = path
         return path
+
+    def _newest_readable(self, directory: str) -> tuple[str, dict[str, Any]]:
+        """The newest checkpoint that reads, saying which newer ones did not (a crash mid-copy, a full
+        disk); :class:`CheckpointError` naming them all when none does."""
+        bad = []
+        for path in reversed(list_checkpoints(directory)):
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as e:
+                bad.append(str(e))
+                continue
+            if bad and self.is_main:
+                print(f"warning: {'; '.join(bad)}; resuming from the newest readable one, {path} (or pass "
+                      f"--resume PATH to choose)", file=sys.stderr, flush=True)
+            return path, state
+        raise CheckpointError(f"no readable checkpoint in {directory}: {'; '.join(bad)}")
 
     def _start(self, resume: str | bool) -> str | None:
         """``fit``'s first step: resume as asked (returns the checkpoint loaded, or None), or refuse a run
