@@ -173,8 +173,15 @@ class Loader(torch.utils.data.IterableDataset):
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = int(threads)
         self.epoch = 0
-        self.rows = rank_rows(self.source.rows, self.world, self.batch_size, self.drop_last)[self.rank]
+        per_rank = rank_rows(self.source.rows, self.world, self.batch_size, self.drop_last)
+        self.rows = per_rank[self.rank]
         self._len = batches_for(self.rows, self.batch_size)
+        # Rows no rank delivers in an epoch (ctrflow.loader.plan): the price of equal batch counts.
+        self.surplus_rows = self.source.rows - sum(per_rank)
+        if self.surplus_rows and not self.drop_last and self.rank == 0:
+            log.warning("%d of %d rows are left out of every epoch so that %d ranks get the same number of "
+                        "batches of %d (which rows, changes with the shuffle; every_row=True or another batch "
+                        "size delivers them all)", self.surplus_rows, self.source.rows, self.world, self.batch_size)
         self._builder: Any = None
         self._live: weakref.ref | None = None
 

@@ -102,3 +102,23 @@ def test_tensor_loader_cuts_like_the_plan(drop_last):
     tl.set_epoch(0)
     tl.skip(3)
     assert torch.equal(torch.cat([b.categorical[:, 0] for b in tl]), perm[3 * bsz : rows])
+
+
+def test_the_rank_surplus_is_counted_and_said_once(tmp_path, caplog):
+    # 700,001-row shape of the issue in small: N % W rows no rank delivers when (N // W) % B == 0.
+    import logging
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctrflow.loader import Loader
+
+    n = 1301
+    pq.write_table(pa.table({"c": np.arange(n, dtype=np.int32), "y": np.zeros(n, np.float32)}),
+                   tmp_path / "part.parquet")
+    with caplog.at_level(logging.WARNING, logger="ctrflow.loader"):
+        loaders = [Loader(str(tmp_path), 433, shuffle=False, cats=["c"], conts=[], labels=["y"], global_rank=r,
+                          global_size=3) for r in range(3)]
+    assert {ld.surplus_rows for ld in loaders} == {2} and sum(ld.rows for ld in loaders) == n - 2
+    assert caplog.text.count("2 of 1301 rows are left out of every epoch") == 1
