@@ -339,3 +339,15 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_newest_readable(data, tmp
     assert "cannot read checkpoint" in err and "ckpt-00000006.pt" in err
     assert "resuming from the newest readable one" in err and "ckpt-00000004.pt" in err
     assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("ckpt-00000004.pt")
+
+
+def test_fit_reports_the_best_epoch(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(out), "--epochs", "3", "--no-loader-bench", *FAST]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    best = summary["best"]
+    assert best["step"] in (12, 24, 36) and f"best checkpoint: step {best['step']} of 36 by auc" in text
+    assert summary["valid"]["auc"] == best["value"] and (out / "best.pt").exists()
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if e["kind"] == "valid"] == [12, 24, 36]  # per epoch by default

@@ -231,3 +231,36 @@ def test_trainer_on_gpu_overfits_with_amp():
     t = Trainer(_dlrm(), **_quiet(device="cuda", amp=True, optimizer="adam", lr=0.01, epochs=30, decay="none"))
     out = t.fit(TensorLoader(cat, cont, y, 32), TensorLoader(cat, cont, y, 256, shuffle=False))
     assert out["valid"]["auc"] > 0.95
+
+
+def test_best_checkpoint_is_kept_restored_and_patience_stops(tmp_path):
+    # Validation labels are the training labels flipped: the better the model learns, the worse its
+    # validation AUC, so the first evaluation is the best one and patience 2 stops after the third.
+    cat, cont, y = _data(256)
+    t = Trainer(_tabular(), out_dir=str(tmp_path), **_quiet(optimizer="adam", lr=0.02, epochs=10, decay="none",
+                                                           patience=2, plot=False))
+    out = t.fit(TensorLoader(cat, cont, y, 32), TensorLoader(cat, cont, 1 - y, 256, shuffle=False))
+    assert out["steps"] == 24 and out["stopped_early"] == 24 and out["epochs"] == 3
+    aucs = [v["auc"] for v in t.history["valid"]]
+    assert len(aucs) == 3 and aucs[0] == max(aucs) and aucs[-1] < aucs[0]
+    assert out["best"]["step"] == 8 and out["best"]["metric"] == "auc" and out["valid"]["auc"] == aucs[0]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["step"] == 8 and best["best"]["step"] == 8
+    assert all(torch.equal(v, best["model"][k]) for k, v in t.model.state_dict().items())  # restored
+    # the last checkpoint is still the run's end (for --resume), and it carries the tracker
+    last = torch.load(tmp_path / "checkpoints" / "ckpt-00000024.pt", weights_only=True)
+    assert last["best"] == {**best["best"], "since": 2}
+
+
+def test_regression_selects_by_rmse_and_none_turns_selection_off(tmp_path):
+    cat, cont, _ = _data(128)
+    target = 2 * cont[:, 0] + 1
+    t = Trainer(_tabular(), out_dir=str(tmp_path / "a"), **_quiet(task="regression", optimizer="adam", lr=0.02,
+                                                                    epochs=4, plot=False))
+    out = t.fit(TensorLoader(cat, cont, target, 32), TensorLoader(cat, cont, target, 128, shuffle=False))
+    rmses = [v["rmse"] for v in t.history["valid"]]
+    assert out["best"]["metric"] == "rmse" and out["best"]["value"] == min(rmses) == out["valid"]["rmse"]
+    t = Trainer(_tabular(), out_dir=str(tmp_path / "b"), **_quiet(task="regression", epochs=2, select="none",
+                                                                    plot=False))
+    out = t.fit(TensorLoader(cat, cont, target, 32), TensorLoader(cat, cont, target, 128, shuffle=False))
+    assert out["best"] is None and not (tmp_path / "b" / "best.pt").exists()

@@ -84,6 +84,15 @@ def save_checkpoint(directory: str, state: dict[str, Any], step: int, keep: int 
     for name in os.listdir(directory):  # temporaries of checkpoints a killed run was writing
         if name.startswith(".ckpt-") and ".tmp-" in name:
             remove_stale(os.path.join(directory, name[1 : name.index(".tmp-")]))
+    write_state(path, state)
+    for old in list_checkpoints(directory)[: -max(1, keep)]:
+        os.unlink(old)
+    return path
+
+
+def write_state(path: str, state: dict[str, Any]) -> str:
+    """``torch.save`` ``state`` to ``path`` atomically (a temporary beside it, fsynced, then renamed)."""
+    remove_stale(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "xb") as f:
@@ -95,8 +104,6 @@ def save_checkpoint(directory: str, state: dict[str, Any], step: int, keep: int 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    for old in list_checkpoints(directory)[: -max(1, keep)]:
-        os.unlink(old)
     return path
 
 

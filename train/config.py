@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ctrflow.train.scaling import batch_scaling
+from ctrflow.train.selection import HIGHER_IS_BETTER
 
 TASKS = ("binary", "regression")
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -41,6 +42,10 @@ class TrainConfig:
         embedding_l2, embedding_clip: L2 weight on the embedding rows a batch touches and CowClip's
             ratio (None: by the batch rule, 0 at or below batch 512).
         world_size: ranks whose batches make one optimizer step (torchrun), for the batch rule.
+        select: the validation metric that picks the best checkpoint (``auto``: AUC for binary, RMSE
+            for regression; ``none``: no selection); the best is kept as ``best.pt`` in the run dir.
+        patience: stop after this many evaluations without a better ``select`` metric (None: never).
+        restore_best: end the run with the best checkpoint's weights in the model, and report its metrics.
         warmup_steps: linear warm-up steps (a value < 1 is a share of the total steps).
         decay: ``cosine``, ``linear`` or ``none`` after the warm-up; ``min_lr_factor`` is its floor.
         epochs, max_steps: run length (``max_steps`` counts optimizer steps and wins when smaller); the
@@ -71,6 +76,9 @@ class TrainConfig:
     embedding_l2: float | None = None
     embedding_clip: float | None = None
     world_size: int = 1
+    select: str = "auto"
+    patience: int | None = None
+    restore_best: bool = True
     warmup_steps: float = 0.05
     decay: str = "cosine"
     min_lr_factor: float = 0.1
@@ -114,6 +122,10 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * max(1, self.world_size)
         if self.epochs < 1 or self.grad_accum < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("epochs, grad_accum, log_every and keep_checkpoints must be >= 1")
+        if self.select != "none" and self.select != "auto" and self.select not in HIGHER_IS_BETTER:
+            raise ValueError(f"select must be auto, none or one of {', '.join(HIGHER_IS_BETTER)}, got {self.select!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
         for name in ("max_steps", "stop_after"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -156,6 +156,8 @@ def _eval_every(a: argparse.Namespace, make_train) -> int:
     """``--eval-every``, or by default a fifth of the run (so the curve has five validation points)."""
     if a.eval_every is not None:
         return a.eval_every
+    if a.epochs > 1:
+        return 0  # at every epoch end: what best-checkpoint selection and --patience compare
     with make_train() as loader:
         steps = -(-len(loader) // a.grad_accum) * a.epochs
     return max(1, -(-min(steps, a.max_steps or steps) // 5))
@@ -207,7 +209,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig(
         task=a.task, batch_size=a.batch_size, valid_batch_size=a.valid_batch_size, optimizer=a.optimizer,
         lr=a.lr, embedding_lr=a.embedding_lr, embedding_optimizer=a.embedding_optimizer,
-        batch_scaling=not a.no_batch_scaling, world_size=ddp.world_size(),
+        batch_scaling=not a.no_batch_scaling, world_size=ddp.world_size(), select=a.select, patience=a.patience,
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
         max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum,
         eval_every=_eval_every(a, make_train), log_every=a.log_every, checkpoint_every=a.checkpoint_every,
@@ -272,6 +274,13 @@ def report(s: dict[str, Any], task: str) -> str:
     if s.get("world_size"):
         lines.append(f"data parallel: {s['world_size']} ranks, {s['global_rows']:,} rows, "
                      f"{s['global_rows_per_s']:,.0f} rows/s all ranks")
+    best = s.get("best")
+    if best:
+        lines.append(f"best checkpoint: step {best['step']} of {s['steps']} by {best['metric']} "
+                     f"({best['value']:.5f}), the metrics above and the model saved in {best['path']}")
+    if s.get("stopped_early"):
+        lines.append(f"stopped early at step {s['stopped_early']}: no better {best['metric'] if best else 'metric'} "
+                     f"in --patience evaluations")
     if s.get("resumed_from"):
         lines.append(f"resumed from {s['resumed_from']}")
     if s.get("stopped_at"):

@@ -105,7 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=("auto", "bf16", "off"),
                    help="bfloat16 autocast: auto = on CUDA only; bare --amp = bf16 on any device")
     p.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate (and checkpoint) every N steps; default: 5 times per run; 0: at epoch ends only")
+                   help="evaluate (and checkpoint) every N steps; 0: at epoch ends only (default: at every epoch "
+                        "end with --epochs > 1, else 5 times per run)")
+    p.add_argument("--select", default=D["select"], choices=("auto", "none", "auc", "ap", "logloss", "rmse", "loss"),
+                   help="the validation metric that picks the best checkpoint (auto: AUC for binary, RMSE for "
+                        "regression); the best is kept as RUN/best.pt, reported, and what the model ends with")
+    p.add_argument("--patience", type=int, default=D["patience"],
+                   help="stop after N evaluations without a better --select metric (default: never stop early)")
     p.add_argument("--log-every", type=int, default=D["log_every"],
                    help="a log line and metrics.jsonl record every N steps")
     p.add_argument("--checkpoint-every", type=int, default=D["checkpoint_every"],
@@ -130,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "valid_batch_size", "epochs", "grad_accum", "log_every", "keep", "parts_per_chunk"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    for name in ("max_steps", "stop_after", "threads", "embedding_dim"):
+    for name in ("max_steps", "stop_after", "threads", "embedding_dim", "patience"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:

@@ -47,6 +47,7 @@ class Resumable:
             "world_size": ddp.world_size(),  # batch_in_epoch counts this many ranks' batches
             "rng": rng_state(),
             "history": self.history,
+            "best": self.best.state_dict() if getattr(self, "best", None) is not None else None,
             "config": {"train": asdict(self.cfg), "model": getattr(self.model, "config", None),
                        "model_class": type(self.model).__name__},
         }
@@ -81,6 +82,8 @@ class Resumable:
         self.segment_start = int(state.get("segment_start", 0))
         self._saved_world = int(state.get("world_size", 1))
         self.history = state.get("history", {"train": [], "valid": []})
+        if getattr(self, "best", None) is not None:
+            self.best.load_state_dict(state.get("best"))
         set_rng_state(state["rng"])
 
     def resume(self, path: str | bool = True) -> str | None:

@@ -32,15 +32,16 @@ from torch import nn
 
 from ctrflow.train import ddp
 from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
+from ctrflow.train.evaluation import Evaluating
 from ctrflow.train.hooks import call_hook
-from ctrflow.train.metrics import BinaryMetrics, RegressionMetrics
 from ctrflow.train.optim import build_optimizers, lr_factor
 from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
 from ctrflow.train.resumable import Resumable
+from ctrflow.train.selection import BestTracker, default_metric
 
 
-class Trainer(Resumable):
+class Trainer(Resumable, Evaluating):
     """Runs training, evaluation, logging and checkpointing (checkpoint methods: :class:`Resumable`).
 
     Args:
@@ -89,6 +90,11 @@ class Trainer(Resumable):
         self.sync: ddp.GradSync | None = None
         self.is_main = ddp.is_main()
         self._saved_world = ddp.world_size()
+        # Best-checkpoint selection / early stopping (ctrflow.train.selection); best.pt beside checkpoints/.
+        metric = default_metric(self.cfg.task) if self.cfg.select == "auto" else self.cfg.select
+        self.best = None if self.cfg.select == "none" else BestTracker(metric, self.cfg.patience)
+        self.best_path = os.path.join(out_dir, "best.pt") if out_dir else None
+        self._early = False
 
     # ----------------------------------------------------------------- steps
     def _autocast(self):
@@ -169,46 +175,6 @@ class Trainer(Resumable):
             f"last good checkpoint: {self.last_checkpoint or 'none'}"
         )
 
-    # ------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self, loader: Any) -> dict[str, float]:
-        """Metrics over one pass of ``loader``: ``auc``/``logloss``/``ap`` or ``rmse``/``mse``, ``loss``."""
-        was_training = self.model.training
-        self.model.eval()
-        gather = ddp.all_gather_varlen if ddp.world_size() > 1 else None  # exact metrics over all ranks
-        metrics = BinaryMetrics(gather=gather) if self.cfg.task == "binary" else RegressionMetrics(gather=gather)
-        loss_sum, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        try:
-            for batch_idx, batch in enumerate(loader):
-                batch = self._to_device(batch)
-                with self._autocast():
-                    if hasattr(self.model, "validation_step"):
-                        res = call_hook(self.model.validation_step, batch, batch_idx)
-                        if isinstance(res, tuple):
-                            res = {"logits": res[0], "label": res[1]}
-                        elif torch.is_tensor(res):
-                            res = {"loss": res}
-                        logits, y = res.get("logits"), res.get("label", res.get("labels"))
-                        loss = res.get("loss")
-                    else:
-                        logits, y = self._forward(batch)
-                        loss = None
-                if logits is not None and y is not None:
-                    logits, y = logits.float().reshape(-1), y.float().reshape(-1)
-                    metrics.update(logits, y)
-                    loss = self._loss(logits, y) if loss is None else loss
-                if loss is not None:
-                    rows = len(y) if y is not None else 1
-                    loss_sum += loss.detach().double() * rows
-                    n += rows
-        finally:
-            self.model.train(was_training)
-        out = metrics.compute()
-        if gather is not None:
-            loss_sum, n = ddp.all_sum([loss_sum.item(), n])
-        out["loss"] = float(loss_sum) / n if n else float("nan")
-        return out
-
     # ------------------------------------------------------------------ loop
     def _log(self, record: dict[str, Any]) -> None:
         for t in self._trackers:
@@ -273,7 +239,7 @@ class Trainer(Resumable):
         eval_step = -1
         boundary = self.batch_in_epoch
         try:
-            while self.epoch < cfg.epochs and self.step < stop:
+            while self.epoch < cfg.epochs and self.step < stop and not self._early:
                 if hasattr(train, "set_epoch"):
                     train.set_epoch(self.epoch)
                 skip = self.batch_in_epoch
@@ -285,7 +251,7 @@ class Trainer(Resumable):
                     next(it)
                 micro = 0
                 boundary = self.batch_in_epoch
-                while self.step < stop:
+                while self.step < stop and not self._early:
                     t0 = time.perf_counter()
                     batch = next(it, None)
                     wait_total += time.perf_counter() - t0
@@ -338,7 +304,8 @@ class Trainer(Resumable):
                     ckpt_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                     if ckpt_due or eval_step == self.step:
                         self.save()
-                if self.step < stop or self.batch_in_epoch >= per_epoch:  # the epoch's batches ran out
+                ran_out = self.step < stop and not self._early
+                if ran_out or self.batch_in_epoch >= per_epoch:  # the epoch's batches ran out
                     self.epoch += 1
                     self.batch_in_epoch = boundary = 0
                     if valid is not None and eval_step != self.step:
@@ -347,7 +314,7 @@ class Trainer(Resumable):
                     self.save()
                 else:
                     break
-            if valid is not None and eval_step != self.step:
+            if valid is not None and eval_step != self.step and not self._early:
                 last_valid = self._run_eval(valid, bar)
             self._check_finite()
             if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"{self.step:08d}.pt"):
@@ -364,28 +331,21 @@ class Trainer(Resumable):
                 t.close()
             self._trackers = []
         seconds = time.perf_counter() - t_start
-        stopped = self.step < self.total_steps and self.epoch < cfg.epochs
+        stopped = self.step < self.total_steps and self.epoch < cfg.epochs and not self._early
         if stopped:
             self._say(None, f"stopped at step {self.step} of {self.total_steps} (stop_after); "
                       f"resume to continue: {self.last_checkpoint}")
         if self.out_dir and cfg.plot and self.is_main:
             self.plot(os.path.join(self.out_dir, "curve.png"))
-        return {"steps": self.step, "epochs": self.epoch, "rows": rows_total, "seconds": seconds,
+        best = self._finish_best()
+        if best:
+            last_valid = {**best["results"]}
+        return {"best": best, "stopped_early": self.step if self._early else None,
+                "steps": self.step, "epochs": self.epoch, "rows": rows_total, "seconds": seconds,
                 "rows_per_s": rows_total / seconds if seconds else float("nan"),
                 "loader_wait_s": wait_total, "valid": last_valid,
                 "checkpoint": self.last_checkpoint, "resumed_from": resumed,
                 "stopped_at": self.step if stopped else None, "total_steps": self.total_steps}
-
-    def _run_eval(self, valid: Any, bar: ProgressBar) -> dict[str, float]:
-        self._check_finite()
-        t0 = time.perf_counter()
-        res = self.evaluate(valid)
-        rec = {"kind": "valid", "step": self.step, "epoch": self.epoch, **res, "seconds": time.perf_counter() - t0}
-        self.history["valid"].append({k: rec[k] for k in rec if k not in ("kind",)})
-        self._log(rec)
-        shown = " ".join(f"{k} {v:.5f}" for k, v in res.items() if k in ("auc", "logloss", "ap", "rmse"))
-        self._say(bar, f"valid step {self.step}: {shown} ({res.get('rows', 0)} rows, {rec['seconds']:.1f}s)")
-        return res
 
     def plot(self, path: str) -> str:
         """Write the loss / AUC (or RMSE) curve of this run's history as a PNG."""
