@@ -118,13 +118,14 @@ def run_ctrflow(raw: str, out: str, profile: str | None = None) -> dict[str, Any
     import pandas as pd
 
     from ctrflow.etl import Dataset, Workflow, get_embedding_sizes
+    from ctrflow.etl.config import DEFAULTS
     from ctrflow.etl.ops import Categorify, Clip, FillMissing, Label, LogOp, Normalize
 
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     # The label goes through Label() as in etl/run.py (validated, cast to float32); NVTabular passes
     # it through untouched. (A bare ``+ [LABEL]`` passthrough currently fails in Workflow.transform.)
-    features = (CATS >> Categorify(freq_threshold=2)) + (
+    features = (CATS >> Categorify(freq_threshold=DEFAULTS.freq_threshold)) + (
         CONTS >> FillMissing() >> Clip(min_value=0) >> LogOp() >> Normalize()) + ([LABEL] >> Label())
     wf = Workflow(features)
     prof = None

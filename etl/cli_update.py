@@ -22,6 +22,7 @@ from ctrflow.etl.cli_steps import (
     summarize,
     write_splits,
 )
+from ctrflow.etl.config import DEFAULTS
 from ctrflow.etl.dataset import Dataset
 from ctrflow.etl.schema import Schema, SchemaError
 from ctrflow.etl.update import AlreadySeenError, check_not_seen, input_fingerprint
@@ -65,7 +66,7 @@ def run_update(args: Any, backend: Any) -> dict[str, Any]:
         if not args.no_cache and fits_in_memory(train):
             train = train.persist(needed)
         if valid is None:
-            train, valid = random_split(train, args.valid_fraction or 0.1, args.seed)
+            train, valid = random_split(train, args.valid_fraction or DEFAULTS.valid_fraction, args.seed)
         workflow.update(train, decay=args.decay, force=args.force, source=record)
         fit_s = time.perf_counter() - t0
         schema = workflow.output_schema()

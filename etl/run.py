@@ -50,9 +50,10 @@ from ctrflow.etl.cli_steps import (  # noqa: E402 - after the path fix above
 
 __all__ = ["UsageError", "build_parser", "build_workflow", "main", "parse_args", "run", "synthetic_key"]
 
-DEFAULT_OUTPUT = os.path.join("data", "processed")
 CRITEO_CONTS = ",".join(f"I{i}" for i in range(1, 14))
 CRITEO_CATS = ",".join(f"C{i}" for i in range(1, 27))
+
+from ctrflow.etl.config import DEFAULTS  # noqa: E402
 
 log = logging.getLogger("ctrflow.etl")
 
@@ -113,27 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "C1,C2,...,C26)")
     src.add_argument("--conts", default=CRITEO_CONTS, help="comma-separated continuous columns (default: Criteo's "
                                                             "I1,I2,...,I13)")
-    src.add_argument("--label", default="label", help="label column")
-    src.add_argument("--task", choices=["binary", "regression"], default="binary", help="what the label holds")
+    src.add_argument("--label", default=DEFAULTS.label, help="label column")
+    src.add_argument("--task", choices=["binary", "regression"], default=DEFAULTS.task, help="what the label holds")
     split = src.add_mutually_exclusive_group()
     split.add_argument("--valid", nargs="+",
                        help="validation files (fit uses the training input only; default: split --input, "
                             "see --valid-fraction)")
     split.add_argument("--valid-fraction", type=float, default=None,
-                       help="random share of --input rows held out for validation (default: 0.1; the synthetic "
-                            "data has its own validation split)")
-    src.add_argument("--synthetic-rows", type=int, default=2_000_000,
+                       help=f"random share of --input rows held out for validation (default: "
+                            f"{DEFAULTS.valid_fraction}; the synthetic data has its own validation split)")
+    src.add_argument("--synthetic-rows", type=int, default=DEFAULTS.synthetic_rows,
                      help="rows of generated data (without --input)")
-    src.add_argument("--seed", type=int, default=0, help="seed of the generator and of the random split")
+    src.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the generator and of the random split")
     src.add_argument("--cache-dir", metavar="DIR", default=None,
                      help="where generated synthetic data is kept and reused (default: $CTRFLOW_CACHE_DIR, else "
                           "$XDG_CACHE_HOME/ctrflow, else ~/.cache/ctrflow; here: "
                           f"{cache.cache_dir().replace('%', '%%')}); safe to delete")
     ops = p.add_argument_group("ops")
-    ops.add_argument("--freq-threshold", type=int, default=2, help="Categorify: keep values seen this often")
+    ops.add_argument("--freq-threshold", type=int, default=DEFAULTS.freq_threshold,
+                     help="Categorify: keep values seen this often")
     ops.add_argument("--num-buckets", type=int, default=None,
                      help="Categorify: hash OOV values into N ids (default: none, every OOV value is id 2)")
-    ops.add_argument("--max-size", type=int, default=0,
+    ops.add_argument("--max-size", type=int, default=DEFAULTS.max_size,
                      help="Categorify: cap each cardinality at N (reserved ids included; 0: no cap)")
     ops.add_argument("--bucketize", action="append", default=[], metavar="COL:b1,b2,...",
                      help="add COL_bucket from fixed boundaries (repeatable)")
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --update: multiply the stored category counts by this first, e.g. 0.9 "
                           "(default: no decay)")
     inc.add_argument("--force", action="store_true", help="with --update: ingest an input seen before")
-    run.add_argument("--output", default=DEFAULT_OUTPUT, help="processed dataset directory")
+    run.add_argument("--output", default=DEFAULTS.output, help="processed dataset directory")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     run.add_argument("--engine", choices=["auto", "cpu", "gpu"], default="auto",
                      help="pandas (cpu) or cuDF (gpu); auto: gpu when RAPIDS and a CUDA device are present")
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --workers: where the Dask dashboard listens; :PORT means loopback, 0.0.0.0:PORT "
                           "exposes it to the network, none turns it off (default: 127.0.0.1:8787, loopback "
                           "only; a free port if 8787 is taken)")
-    run.add_argument("--compression", choices=["none", "snappy", "lz4", "zstd"], default="none",
+    run.add_argument("--compression", choices=["none", "snappy", "lz4", "zstd"], default=DEFAULTS.compression,
                      help="parquet codec of the output (none: plain pages, fastest to write and read; "
                           "zstd: about 3x smaller)")
     run.add_argument("--part-size", default=None,
@@ -309,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_cache and fits_in_memory(train):
             train = train.persist(needed)  # fit and transform then share one read of the input
         if valid is None:
-            train, valid = random_split(train, args.valid_fraction or 0.1, args.seed)
+            train, valid = random_split(train, args.valid_fraction or DEFAULTS.valid_fraction, args.seed)
         workflow.fit(train)
         workflow.seen = seen
         fit_s = time.perf_counter() - t_fit

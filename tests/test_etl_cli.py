@@ -381,3 +381,21 @@ def test_a_numeric_label_on_a_binary_task_suggests_regression(tmp_path, capsys):
                  str(tmp_path / "out"), "--no-progress"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "choose --task regression" in line and "0 or 1" in line
+
+
+def test_cli_defaults_are_the_config_defaults(capsys):
+    # etl/run.py's defaults live in ctrflow.etl.config; the parser and --help show those values.
+    import dataclasses
+
+    from ctrflow.etl.config import DEFAULTS
+    from ctrflow.etl.run import parse_args
+
+    a = parse_args([])
+    for f in dataclasses.fields(DEFAULTS):
+        if f.name != "valid_fraction":  # None on the parser: "split --input", which then uses the default
+            assert getattr(a, f.name) == getattr(DEFAULTS, f.name), f.name
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for value in (DEFAULTS.output, DEFAULTS.freq_threshold, f"{DEFAULTS.synthetic_rows}", DEFAULTS.valid_fraction):
+        assert f"default: {value}" in text, value
