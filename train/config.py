@@ -46,6 +46,8 @@ class TrainConfig:
             for regression; ``none``: no selection); the best is kept as ``best.pt`` in the run dir.
         patience: stop after this many evaluations without a better ``select`` metric (None: never).
         restore_best: end the run with the best checkpoint's weights in the model, and report its metrics.
+        target: regression only: ``{"mean", "std", "y_range"}`` from :func:`ctrflow.train.target.target_stats`
+            (the model learns a standardised or range-squashed target; None: the raw MSE).
         warmup_steps: linear warm-up steps (a value < 1 is a share of the total steps).
         decay: ``cosine``, ``linear`` or ``none`` after the warm-up; ``min_lr_factor`` is its floor.
         epochs, max_steps: run length (``max_steps`` counts optimizer steps and wins when smaller); the
@@ -79,6 +81,7 @@ class TrainConfig:
     select: str = "auto"
     patience: int | None = None
     restore_best: bool = True
+    target: dict[str, Any] | None = None
     warmup_steps: float = 0.05
     decay: str = "cosine"
     min_lr_factor: float = 0.1

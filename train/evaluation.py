@@ -18,6 +18,7 @@ from ctrflow.train import ddp
 from ctrflow.train.checkpoint import write_state
 from ctrflow.train.hooks import call_hook
 from ctrflow.train.metrics import BinaryMetrics, RegressionMetrics
+from ctrflow.train.target import predict
 
 
 class Evaluating:
@@ -48,7 +49,8 @@ class Evaluating:
                         loss = None
                 if logits is not None and y is not None:
                     logits, y = logits.float().reshape(-1), y.float().reshape(-1)
-                    metrics.update(logits, y)
+                    # regression: metrics in the target's units (ctrflow.train.target), the loss in its std units
+                    metrics.update(logits if self.cfg.task == "binary" else predict(logits, self.cfg.target), y)
                     loss = self._loss(logits, y) if loss is None else loss
                 if loss is not None:
                     rows = len(y) if y is not None else 1

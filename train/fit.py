@@ -42,6 +42,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from ctrflow.train.fit_args import UsageError, parse_args  # noqa: E402
 
 __all__ = ["UsageError", "build_model", "main", "parse_args", "report", "run"]
@@ -152,6 +154,23 @@ def _say_scaling(cfg: Any) -> None:
               "(--no-batch-scaling: off)", file=sys.stderr, flush=True)
 
 
+def _target(a: argparse.Namespace, schema: Any) -> dict[str, Any]:
+    """The regression target transform from the training labels (``ctrflow.train.target``)."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from ctrflow.train.target import target_stats
+
+    label = schema.label[0]
+    files = sorted(glob.glob(os.path.join(a.data, "train", "*.parquet")))
+    labels = np.concatenate([pq.read_table(f, columns=[label]).column(0).to_numpy() for f in files])
+    try:
+        return target_stats(labels, a.y_range)
+    except ValueError as e:
+        raise UsageError(f"--data {a.data}: {e}") from None
+
+
 def _eval_every(a: argparse.Namespace, make_train) -> int:
     """``--eval-every``, or by default a fifth of the run (so the curve has five validation points)."""
     if a.eval_every is not None:
@@ -210,6 +229,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         task=a.task, batch_size=a.batch_size, valid_batch_size=a.valid_batch_size, optimizer=a.optimizer,
         lr=a.lr, embedding_lr=a.embedding_lr, embedding_optimizer=a.embedding_optimizer,
         batch_scaling=not a.no_batch_scaling, world_size=ddp.world_size(), select=a.select, patience=a.patience,
+        target=_target(a, schema) if a.task == "regression" else None,
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
         max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum,
         eval_every=_eval_every(a, make_train), log_every=a.log_every, checkpoint_every=a.checkpoint_every,

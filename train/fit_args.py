@@ -98,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DLRM bottom MLP (before its projection to --embedding-dim)")
     p.add_argument("--task", choices=("binary", "regression"), default=None,
                    help="loss and metrics (default: the task the ETL recorded in schema.json; binary if none)")
+    p.add_argument("--y-range", default="auto", metavar="auto|none|LO,HI",
+                   help="regression: predictions are LO + (HI - LO) * sigmoid(output) (fastai's y_range); auto: "
+                        "the training labels' range widened by 1/8 of its span each side (ratings 1-5: 0.5-5.5); "
+                        "none: a standardised target instead")
     p.add_argument("--features", default=None, metavar="FILE",
                    help="TOML/JSON embedding options per feature: dims, shared tables, list features and their "
                         "combiners, initialisers (see ctrflow.models.features; default: none)")
@@ -139,6 +143,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_steps", "stop_after", "threads", "embedding_dim", "patience"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.y_range not in ("auto", "none"):
+        try:
+            lo, hi = (float(v) for v in a.y_range.split(","))
+        except ValueError:
+            p.error(f"--y-range must be auto, none or LO,HI (two numbers), got {a.y_range!r}")
+        if not lo < hi:
+            p.error(f"--y-range needs LO < HI, got {a.y_range}")
+        a.y_range = (lo, hi)
     if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:
         p.error("learning rates must be > 0")
     return a

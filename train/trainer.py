@@ -39,6 +39,7 @@ from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
 from ctrflow.train.resumable import Resumable
 from ctrflow.train.selection import BestTracker, default_metric
+from ctrflow.train.target import regression_loss
 
 
 class Trainer(Resumable, Evaluating):
@@ -126,7 +127,7 @@ class Trainer(Resumable, Evaluating):
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.cfg.task == "binary":
             return F.binary_cross_entropy_with_logits(logits, y)
-        return F.mse_loss(logits, y)
+        return regression_loss(logits, y, self.cfg.target)  # ctrflow.train.target
 
     def training_step(self, batch: Any, batch_idx: int = 0) -> torch.Tensor:
         with self._autocast():
