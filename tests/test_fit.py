@@ -351,3 +351,14 @@ def test_fit_reports_the_best_epoch(data, tmp_path, capsys):
     assert summary["valid"]["auc"] == best["value"] and (out / "best.pt").exists()
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals if e["kind"] == "valid"] == [12, 24, 36]  # per epoch by default
+
+
+def test_regularisation_flags_reach_the_optimizers(data, tmp_path):
+    out = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(out), "--max-steps", "2", "--weight-decay", "0.01",
+                 "--embedding-l2", "0.001", "--no-loader-bench", *FAST]) == 0
+    import torch
+
+    state = torch.load(out / "checkpoints" / "ckpt-00000002.pt", weights_only=True)
+    dense, tables = (o["param_groups"][0] for o in state["optimizers"])
+    assert dense["weight_decay"] == 0.01 and tables["l2"] == 0.001 and tables["clip"] == 0.0

@@ -230,6 +230,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         lr=a.lr, embedding_lr=a.embedding_lr, embedding_optimizer=a.embedding_optimizer,
         batch_scaling=not a.no_batch_scaling, world_size=ddp.world_size(), select=a.select, patience=a.patience,
         target=_target(a, schema) if a.task == "regression" else None,
+        weight_decay=a.weight_decay, embedding_l2=a.embedding_l2,
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
         max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum,
         eval_every=_eval_every(a, make_train), log_every=a.log_every, checkpoint_every=a.checkpoint_every,

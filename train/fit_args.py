@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         + ", ".join(f"{k} {v:g}" for k, v in EMBEDDING_LR.items()) + ")")
     p.add_argument("--embedding-optimizer", choices=OPTIMIZERS, default=D["embedding_optimizer"],
                    help="rule for the embedding tables (default: --optimizer; row-wise Adagrad / lazy Adam)")
+    p.add_argument("--weight-decay", type=float, default=D["weight_decay"],
+                   help="L2 on the dense (MLP) weights")
+    p.add_argument("--embedding-l2", type=float, default=None,
+                   help="L2 on the embedding rows each batch touches, row-sparse (default: the batch rule's, "
+                        "0 at batch <= 512)")
     p.add_argument("--no-batch-scaling", action="store_true",
                    help="keep the batch-512 learning rates at any --batch-size (default: above 512 rows per step "
                         "the dense lr grows with sqrt(batch / 512), the warm-up lengthens, and the tables get "
@@ -151,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not lo < hi:
             p.error(f"--y-range needs LO < HI, got {a.y_range}")
         a.y_range = (lo, hi)
+    if a.weight_decay < 0 or a.embedding_l2 is not None and a.embedding_l2 < 0:
+        p.error("--weight-decay and --embedding-l2 must be >= 0")
     if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:
         p.error("learning rates must be > 0")
     return a
