@@ -1,7 +1,8 @@
 """The end-of-run curve: training loss, validation logloss and AUC against the step, as a PNG.
 
-Uses matplotlib when it is importable; otherwise draws the two panels itself (lines, axes, and a
-3x5 pixel font for titles and axis limits) and encodes the PNG with zlib, so no new dependency.
+Uses matplotlib when it is importable (the ``plot`` extra: labelled ticks, a grid, a legend, the best
+checkpoint marked); otherwise draws the two panels itself (lines, axes, a light grid with labelled
+quarters, the best step dashed, and a 3x5 pixel font) and encodes the PNG with zlib.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ _FONT = {
 }
 
 
-def plot_curves(path: str, panels: Sequence[tuple[str, Sequence[Series]]]) -> str:
+def plot_curves(path: str, panels: Sequence[tuple[str, Sequence[Series]]], mark: int | None = None,
+                mark_label: str = "best") -> str:
     """Write a PNG with one panel per ``(title, series)`` side by side; returns the path written.
 
     Args:
         path: output ``.png`` (written to a temporary name, then renamed).
         panels: e.g. ``[("loss", [("train", steps, losses, (31, 119, 180))]), ("auc", [...])]``.
+        mark: a step to mark with a vertical line in every panel (the best checkpoint's), or None.
+        mark_label: the mark's legend text.
     """
     tmp = f"{path}.tmp"
     try:
@@ -44,17 +48,19 @@ def plot_curves(path: str, panels: Sequence[tuple[str, Sequence[Series]]]) -> st
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:  # matplotlib missing: draw it ourselves
-        _write_png(tmp, _draw(panels))
+        _write_png(tmp, _draw(panels, mark=mark))
     else:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
         for ax, (title, series) in zip(axes if len(panels) > 1 else [axes], panels, strict=False):
             for name, x, y, colour in series:
                 if len(x):
                     ax.plot(x, y, label=name, color=[c / 255 for c in colour], marker="." if len(x) < 30 else None)
+            if mark is not None:
+                ax.axvline(mark, color="0.35", linestyle="--", linewidth=1, label=f"{mark_label} (step {mark})")
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
@@ -62,17 +68,20 @@ def plot_curves(path: str, panels: Sequence[tuple[str, Sequence[Series]]]) -> st
     return path
 
 
-def plot_history(path: str, history: dict[str, list[dict[str, Any]]], metric: str = "auc") -> str:
-    """Plot a trainer's history: train / valid loss in one panel, the valid ``metric`` in the other."""
+def plot_history(path: str, history: dict[str, list[dict[str, Any]]], metric: str = "auc",
+                 best_step: int | None = None) -> str:
+    """Plot a trainer's history: train / valid loss in one panel, the valid ``metric`` in the other, with
+    the best checkpoint's step marked."""
     tr, va = history.get("train", []), history.get("valid", [])
     nan = float("nan")
     loss = [("train loss", [r["step"] for r in tr], [r["loss"] for r in tr], (31, 119, 180)),
             ("valid loss", [r["step"] for r in va], [r.get("loss", nan) for r in va], (214, 39, 40))]
     second = [(f"valid {metric}", [r["step"] for r in va], [r.get(metric, nan) for r in va], (44, 160, 44))]
-    return plot_curves(path, [("loss", loss), (metric, second)])
+    return plot_curves(path, [("loss", loss), (metric, second)], mark=best_step, mark_label=f"best {metric}")
 
 
-def _draw(panels: Sequence[tuple[str, Sequence[Series]]], w: int = 420, h: int = 300) -> list[bytearray]:
+def _draw(panels: Sequence[tuple[str, Sequence[Series]]], w: int = 420, h: int = 300,
+          mark: int | None = None) -> list[bytearray]:
     width = w * len(panels)
     img = [bytearray(b"\xff" * (width * 3)) for _ in range(h)]
     for k, (title, series) in enumerate(panels):
@@ -98,6 +107,16 @@ def _draw(panels: Sequence[tuple[str, Sequence[Series]]], w: int = 420, h: int =
         _text(img, x0, y1 + 6, f"{xmin:.0f}", (80, 80, 80))
         _text(img, x1 - 4 * len(f"{xmax:.0f}"), y1 + 6, f"{xmax:.0f}", (80, 80, 80))
         _text(img, (x0 + x1) // 2 - 8, y1 + 6, "STEP", (80, 80, 80))
+        for t in range(1, 4):  # a light grid at the quarters, each horizontal line labelled
+            gy = y0 + round(t * (y1 - y0) / 4)
+            for i in range(x0 + 1, x1 + 1, 3):
+                _px(img, i, gy, (215, 215, 215))
+            _text(img, k * w + 2, gy - 2, f"{ymax - t * (ymax - ymin) / 4:.4g}", (120, 120, 120))
+        if mark is not None and xmin <= mark <= xmax:  # the best checkpoint: a dashed vertical line
+            mx = x0 + round((mark - xmin) / (xmax - xmin) * (x1 - x0))
+            for j in range(y0, y1, 4):
+                _line(img, (mx, j), (mx, min(j + 2, y1)), (90, 90, 90))
+            _text(img, min(mx + 3, x1 - 16), y0 - 10, "BEST", (90, 90, 90))
         for n, (name, xs, ys, colour) in enumerate(series):
             _text(img, x1 - 60, y0 + 4 + 10 * n, name.upper()[:12], colour)
             prev = None

@@ -350,5 +350,7 @@ class Trainer(Resumable, Evaluating):
 
     def plot(self, path: str) -> str:
         """Write the loss / AUC (or RMSE) curve of this run's history as a PNG."""
-        return plot_history(path, self.history, "auc" if self.cfg.task == "binary" else "rmse")
+        metric = self.best.metric if self.best is not None else ("auc" if self.cfg.task == "binary" else "rmse")
+        best = self.best.step if self.best is not None else None
+        return plot_history(path, self.history, metric, best_step=best)
 
