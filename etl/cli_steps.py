@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterator
 from typing import Any
+
+log = logging.getLogger("ctrflow.etl")
 
 
 class UsageError(ValueError):
@@ -32,7 +35,8 @@ def dask_context(args: argparse.Namespace, backend: Any) -> Iterator[Any]:
         from ctrflow.etl.cluster import close_client, dashboard_option, start_client
 
         client, cluster = start_client(args.scheduler, args.workers, gpu=backend.name == "gpu",
-                                       dashboard_address=dashboard_option(getattr(args, "dashboard_address", None)))
+                                       dashboard_address=dashboard_option(getattr(args, "dashboard_address", None)),
+                                       memory_limit=getattr(args, "memory_limit", None) or parse_memory(None))
         workers = len(client.scheduler_info().get("workers", {}))
         print(f"Dask cluster: {client.scheduler.address}, {workers} worker(s); dashboard: {client.dashboard_link}",
               file=sys.stderr)
@@ -119,14 +123,51 @@ def prepare_input(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     return train, None, meta
 
 
-def fits_in_memory(dataset: Any, share: float = 0.25) -> bool:
-    """True when the input's uncompressed size is under ``share`` of the machine's memory."""
-    size = dataset.estimated_bytes()
+PEAK_FACTOR = 2.2  # measured: an in-memory ETL peaks at ~2x its decoded input (the input, plus transform + write)
+MEMORY_SHARE = 0.4  # default --memory-limit: this share of the machine's RAM
+
+
+def total_ram() -> int | None:
+    """Physical memory in bytes (None where the OS does not say)."""
     try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
+        return None
+
+
+def parse_memory(text: str | None) -> int | None:
+    """``--memory-limit``: ``8GB``, ``512MB``, ``12G``, a byte count, or ``40%`` of RAM; None: the default.
+
+    Raises:
+        ValueError: an unreadable size.
+    """
+    ram = total_ram()
+    if text is None:
+        return int(MEMORY_SHARE * ram) if ram else None
+    t = text.strip().upper().replace(" ", "")
+    if t.endswith("%"):
+        if not ram:
+            raise ValueError("--memory-limit as a share of RAM: this system does not report its RAM")
+        return int(float(t[:-1]) / 100 * ram)
+    units = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3, "T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10, "B": 1}
+    for u, f in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * f)
+    return int(float(t))
+
+
+def fits_in_memory(dataset: Any, limit: int | None = None) -> bool:
+    """True when keeping the decoded input in memory keeps the run's whole peak (about
+    :data:`PEAK_FACTOR` x the input) under ``limit`` bytes (default: :data:`MEMORY_SHARE` of RAM)."""
+    size = dataset.estimated_bytes()
+    limit = parse_memory(None) if limit is None else limit
+    if size is None or not limit:
         return False
-    return size is not None and size < share * ram
+    fits = PEAK_FACTOR * size <= limit
+    how = "kept in memory between fit and transform" if fits else "streamed from disk twice"
+    log.info("input ~%.2f GB decoded: %s (a cached run peaks near %.1f GB; --memory-limit %.1f GB)", size / 1e9,
+             how, PEAK_FACTOR * size / 1e9, limit / 1e9)
+    return fits
 
 
 def random_split(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:

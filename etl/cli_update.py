@@ -63,7 +63,7 @@ def run_update(args: Any, backend: Any) -> dict[str, Any]:
         if valid is not None:
             valid.check_columns(needed)
         before = workflow.output_schema()
-        if not args.no_cache and fits_in_memory(train):
+        if not args.no_cache and fits_in_memory(train, args.memory_limit):
             train = train.persist(needed)
         if valid is None:
             train, valid = random_split(train, args.valid_fraction or DEFAULTS.valid_fraction, args.seed)

@@ -51,7 +51,7 @@ def dashboard_option(address: str | None) -> str | None:
 
 
 def start_client(scheduler: str | None, workers: int | None, gpu: bool,
-                 dashboard_address: str | None = DEFAULT_DASHBOARD) -> tuple[Any, Any]:
+                 dashboard_address: str | None = DEFAULT_DASHBOARD, memory_limit: int | None = None) -> tuple[Any, Any]:
     """A ``distributed.Client`` for ``scheduler`` or for a new local cluster of ``workers`` workers.
 
     Args:
@@ -60,6 +60,8 @@ def start_client(scheduler: str | None, workers: int | None, gpu: bool,
         gpu: start a ``LocalCUDACluster`` (one worker per GPU) instead of CPU processes.
         dashboard_address: where a local cluster's dashboard listens (``HOST:PORT``; None: no
             dashboard). The scheduler itself always listens on loopback.
+        memory_limit: the run's memory budget in bytes, split evenly over a local cluster's CPU workers
+            (Dask spills, pauses and restarts a worker near its share); None: Dask's default.
 
     Returns:
         ``(client, cluster)``; ``cluster`` is None for an external scheduler (not ours to close).
@@ -90,7 +92,8 @@ def start_client(scheduler: str | None, workers: int | None, gpu: bool,
             # Processes, not threads: pandas kernels hold the GIL. The machine's cores are split
             # evenly so that --workers 8 on 64 cores still uses all of them.
             threads = max(1, (os.cpu_count() or 1) // int(workers or 1))
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, **where)
+            share = {"memory_limit": max(1, memory_limit // int(workers or 1))} if memory_limit else {}
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, **where, **share)
     try:
         return Client(cluster), cluster
     except BaseException:

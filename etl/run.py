@@ -39,6 +39,7 @@ from ctrflow.etl.cli_steps import (  # noqa: E402 - after the path fix above
     UsageError,
     dask_context,
     fits_in_memory,
+    parse_memory,
     prepare_input,
     print_summary,
     progress,
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rows per partition (int) or bytes ('256MB') (default: 1,000,000 rows for parquet, "
                           "256MB for text input)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--memory-limit", metavar="SIZE", default=None,
+                     help="memory budget of the whole run, e.g. 8GB, 512MB or 40%% of RAM: the input is kept in "
+                          "memory between fit and transform only when its peak (~2.2x the decoded input) fits, "
+                          "else it is streamed from disk twice; local --workers share it (default: 40%% of RAM)")
     run.add_argument("--no-cache", action="store_true",
                      help="never keep the input in memory between fit and transform (it is, when under 1/4 of "
                           "RAM); unrelated to --cache-dir")
@@ -201,6 +206,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
     if args.synthetic_rows < 100:
         raise UsageError(f"--synthetic-rows must be >= 100, got {args.synthetic_rows}")
+    if args.memory_limit is not None:
+        try:
+            args.memory_limit = parse_memory(args.memory_limit)
+        except ValueError:
+            raise UsageError(f"--memory-limit {args.memory_limit!r}: give a size such as 8GB, 512MB or 40%") from None
+        if args.memory_limit <= 0:
+            raise UsageError("--memory-limit must be > 0")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.dashboard_address is not None:
@@ -308,7 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             valid.check_columns(needed)
         workflow = build_workflow(args, cats, conts, train.column_names)
         t_fit = time.perf_counter()
-        if not args.no_cache and fits_in_memory(train):
+        if not args.no_cache and fits_in_memory(train, args.memory_limit):
             train = train.persist(needed)  # fit and transform then share one read of the input
         if valid is None:
             train, valid = random_split(train, args.valid_fraction or DEFAULTS.valid_fraction, args.seed)

@@ -399,3 +399,27 @@ def test_cli_defaults_are_the_config_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for value in (DEFAULTS.output, DEFAULTS.freq_threshold, f"{DEFAULTS.synthetic_rows}", DEFAULTS.valid_fraction):
         assert f"default: {value}" in text, value
+
+
+def test_memory_limit_decides_between_caching_and_streaming(tmp_path, raw_parquet, caplog):
+    import logging
+
+    from ctrflow.etl.cli_steps import PEAK_FACTOR, parse_memory
+
+    assert parse_memory("8GB") == 8 * 10**9 and parse_memory("512M") == 512 * 2**20 and parse_memory("1000") == 1000
+    assert abs(parse_memory("50%") / parse_memory(None) - 50 / 40) < 1e-6  # the default is 40% of RAM
+    outs = {}
+    for limit in ("1KB", "100GB"):
+        with caplog.at_level(logging.INFO, logger="ctrflow.etl"):
+            caplog.clear()
+            out = tmp_path / limit
+            assert main(["--input", str(raw_parquet[0]), *ARGS, "--output", str(out), "--memory-limit", limit]) == 0
+        outs[limit] = caplog.text
+    assert "streamed from disk twice" in outs["1KB"] and "kept in memory" in outs["100GB"]
+    assert "near" in outs["100GB"] and PEAK_FACTOR > 2
+    a, b = (pd.read_parquet(tmp_path / lim / "train") for lim in ("1KB", "100GB"))
+    pd.testing.assert_frame_equal(a, b)  # the same output either way
+
+
+def test_bad_memory_limit(tmp_path, raw_parquet, capsys):
+    _bad(tmp_path, ["--input", str(raw_parquet[0]), *ARGS, "--memory-limit", "lots"], capsys, "--memory-limit")
