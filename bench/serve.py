@@ -13,6 +13,10 @@ Measured side by side in one run, on the same 256-row requests of raw validation
 - ``Dask Workflow.transform + model``: the baseline a user has without ``Workflow.transform_frame``:
   each request becomes a one-partition Dask dataset, transformed lazily and computed, then scored.
 
+Then the per-stage split of one request (``stages``, CPU ms of the calling thread, median, in-process,
+one thread): JSON parse, validation into typed columns, the workflow's transform of one request and
+of a batch of ``--clients`` requests (what the server's batcher runs), the model on the same two sizes.
+
 Rows/s = rows answered / wall time of the phase. ``failed`` counts non-200 answers and connection
 errors; ``server alive`` is checked with ``/health`` after the load. The model: DLRM with fit.py's
 default sizes (dim 16, MLPs 512-256), trained ``--train-steps`` steps on generated data (the weights'
@@ -177,6 +181,31 @@ def in_process(fn, reqs: list[list[dict]], rows: int) -> dict[str, Any]:
     return summarize(lat, time.perf_counter() - t0, rows, 0, 1)
 
 
+def stage_split(pred: Any, reqs: list[list[dict]], batch: int, repeat: int = 20) -> dict[str, float]:
+    """Median thread CPU ms of each stage a request goes through (see the module docstring)."""
+    from ctrflow.serve.inputs import concat_columns, to_frame
+
+    bodies = [json.dumps(r).encode() for r in reqs[:repeat]]
+
+    def ms(fn, args) -> float:
+        ts = []
+        for x in args:
+            t = time.thread_time()
+            fn(x)
+            ts.append(time.thread_time() - t)
+        return 1000 * float(np.median(ts))
+
+    docs = [json.loads(b) for b in bodies]
+    cols = [pred.columns(d) for d in docs]
+    stacked = [concat_columns((cols * batch)[i:i + batch]) for i in range(0, len(cols), max(1, len(cols) // 4))]
+    frames, big = [to_frame(c) for c in cols], [to_frame(c) for c in stacked]
+    done, done_big = [pred.transform(f) for f in frames], [pred.transform(f) for f in big]
+    return {"json_parse": ms(json.loads, bodies), "validate": ms(pred.columns, docs),
+            "to_frame": ms(to_frame, cols), "transform_1": ms(pred.transform, frames),
+            f"transform_{batch}": ms(pred.transform, big), "model_1": ms(pred.predict_processed, done),
+            f"model_{batch}": ms(pred.predict_processed, done_big), "batch_requests": batch}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=400, help="HTTP requests in all (per endpoint)")
@@ -242,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     via_dask(base[0])
     results["Dask Workflow.transform + model"] = in_process(via_dask, base[: max(1, a.baseline_requests // 2)],
                                                             a.rows)
+    stages = stage_split(pred, base, a.clients)
     machine = describe_machine()
     print(f"Serving: DLRM {pred.info.get('model_config', {}).get('over_arch_layer_sizes')} from {run}; "
           f"{a.rows} rows/request; {machine['cpu']}, {machine['cores']} cores, load {machine['load_avg']}")
@@ -251,8 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         alive = {True: "yes", False: "NO"}.get(r.get("server_alive"), "-")
         print(f"{name:<34} {r['clients']:>7} {r['requests']:>8} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
               f"{r['rows_per_s']:>9,.0f} {r['failed']:>6} {alive:>12}")
+    print(f"stages (thread CPU ms, median; {a.rows} rows per request, batch = {a.clients} requests): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "batch_requests"))
+    http = results["HTTP /predict"]
+    print(f"goal (p99 < 50 ms, >= 60,000 rows/s): p99 {http['p99_ms']:.1f} ms, {http['rows_per_s']:,.0f} rows/s -> "
+          f"{'met' if http['p99_ms'] < 50 and http['rows_per_s'] >= 60_000 else 'not met'} "
+          f"(load average {machine['load_avg']})")
     write_json(json_path(a, "serve"), {"benchmark": "serve", "machine": machine, "run": run, "args": vars(a),
-                                       "results": results})
+                                       "results": results, "stages": stages})
     ok = all(r["failed"] == 0 and r.get("server_alive", True) for r in results.values())
     return 0 if ok else 1
 

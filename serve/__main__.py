@@ -3,19 +3,26 @@
 Commands::
 
     python -m ctrflow.serve --run runs/dlrm-20261123                      # http://127.0.0.1:8000/docs
-    python -m ctrflow.serve --run runs/a --host 0.0.0.0 --port 9000 --max-rows 2048 --device cuda
+    python -m ctrflow.serve --run runs/a --host 0.0.0.0 --port 9000 --token-file /etc/ctrflow/token --device cuda
     curl -s localhost:8000/metadata          # the columns a row needs (every one: null for a missing value)
 
-A run directory that cannot be served (no checkpoint, its dataset gone, a corrupt workflow) exits
-with code 2 and one line.
+With ``--token-file PATH`` (or ``$CTRFLOW_SERVE_TOKEN``) every request but ``GET /health`` needs
+``Authorization: Bearer <token>``; POST bodies must be ``Content-Type: application/json``.
+
+A run directory that cannot be served (no checkpoint, its dataset gone, a corrupt workflow), a bad token
+file or a port that cannot be bound exits with code 2 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import os
+import socket
 import sys
 
+from ctrflow.serve.access import TOKEN_ENV, load_token
 from ctrflow.serve.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_ROWS  # no FastAPI needed
 from ctrflow.serve.predictor import DEFAULT_BATCH_SIZE
 
@@ -54,7 +61,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=prog or prog_name(), description=__doc__.split("\n\nA run")[0], formatter_class=_Formatter)
     p.add_argument("--run", required=True, help="run directory written by train/fit.py --out")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
+    p.add_argument("--token-file", default=None,
+                   help=f"file holding the bearer token every request but /health must send (else ${TOKEN_ENV}; "
+                   "default: none, anyone who reaches the port may call the API)")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows / candidates per request (413 above)")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                    help="request body size in bytes (413 above, refused before the body is read)")
@@ -76,6 +86,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     """Parse and check the command line (:class:`UsageError` on a bad one)."""
     p = build_parser(prog)
     a = p.parse_args(argv)
+    if a.host.startswith("[") and a.host.endswith("]"):  # [::1] as in a URL
+        a.host = a.host[1:-1]
     for name in ("max_rows", "max_bytes", "max_in_flight", "batch_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -84,6 +96,42 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
     return a
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket bound to ``host:port`` (:class:`UsageError` naming the port when it cannot be).
+
+    Bound before the server starts, so a busy port fails in one line before anything says "serving", and
+    uvicorn serves on this very socket (no window in which another process could take the port).
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is already in use (another server?): pick another with "
+                             "--port N, or --port 0 for any free one") from None
+        if e.errno == errno.EACCES:
+            raise UsageError(f"no permission to listen on port {port} on {host} (ports below 1024 need "
+                             "privileges): pick another with --port N") from None
+        raise UsageError(f"cannot listen on {host} port {port}: {e.strerror}") from None
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,22 +150,35 @@ def main(argv: list[str] | None = None) -> int:
 
         from ctrflow.serve.predictor import Predictor
 
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        predictor = Predictor.from_run(a.run, device=a.device, batch_size=a.batch_size, checkpoint=a.checkpoint,
-                                       data_dir=a.data)
-        app = create_app(predictor, max_rows=a.max_rows, max_bytes=a.max_bytes, batching=not a.no_batching,
-                         max_in_flight=a.max_in_flight)
+        token = load_token(a.token_file)
+        sock = bind(a.host, a.port)  # before the (slow) model load: a busy port fails at once
+        try:
+            if a.threads:
+                torch.set_num_threads(a.threads)
+            predictor = Predictor.from_run(a.run, device=a.device, batch_size=a.batch_size,
+                                           checkpoint=a.checkpoint, data_dir=a.data)
+            app = create_app(predictor, max_rows=a.max_rows, max_bytes=a.max_bytes, batching=not a.no_batching,
+                             max_in_flight=a.max_in_flight, token=token)
+        except BaseException:
+            sock.close()
+            raise
     except (UsageError, ServeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info = predictor.info
+    info, port = predictor.info, sock.getsockname()[1]
+    shown = f"[{a.host}]" if ":" in a.host else a.host
     print(f"serving {info.get('model_class')} from {info.get('checkpoint')} on {predictor.device} at "
-          f"http://{a.host}:{a.port} (docs: /docs)", file=sys.stderr)
+          f"http://{shown}:{port} (docs: /docs){'; bearer token required' if token else ''}", file=sys.stderr)
+    if token is None and not _is_loopback(a.host):
+        print(f"warning: listening on {a.host} without a token: anyone who can reach port {port} can call the API "
+              f"(--token-file PATH or ${TOKEN_ENV})", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=port, log_level=a.log_level))
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         return 130
+    finally:
+        sock.close()
     return 0
 
 

@@ -8,6 +8,11 @@ Endpoints:
     GET  /health    ``{"status": "ok", ...}``
     GET  /metadata  model, schema, versions, workflow columns, limits
 
+Access (:mod:`ctrflow.serve.access`): with a ``token``, every request but ``GET /health`` needs
+``Authorization: Bearer <token>`` (401 otherwise); a POST body must be ``Content-Type: application/json``
+(415 otherwise). No response shows a file-system path: ``/metadata`` names the run, dataset and
+checkpoint by their directory or file name, and a 500 says only that the error is in the server's log.
+
 Bad input never reaches the model unchecked and never yields a 500: malformed JSON -> 400, a body
 over ``max_bytes`` or more than ``max_rows`` rows -> 413, a missing column / wrong type / empty list ->
 422; more than ``max_in_flight`` requests at once -> 503 with ``Retry-After``; every error body is
@@ -25,13 +30,15 @@ import contextlib
 import json
 import logging
 import math
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from ctrflow.serve.access import AccessRules
 from ctrflow.serve.batcher import Batcher
 from ctrflow.serve.inputs import ServeError
 from ctrflow.serve.limits import (
@@ -58,8 +65,37 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no NaN / Infinity
 
 
+def _json(doc: Any) -> Response:
+    """``doc`` encoded once by ``json.dumps``: FastAPI's default walks every value of the reply in Python first."""
+    return Response(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(), media_type="application/json")
+
+
+def _looks_like_path(s: str) -> bool:
+    return os.path.isabs(s) or s.startswith(("~", "./", "../")) or (os.sep in s and os.path.exists(s))
+
+
+def redact_paths(doc: Any) -> Any:
+    """``doc`` with every string that is a file-system path replaced by its last part (``/a/b/run`` -> ``run``)."""
+    if isinstance(doc, dict):
+        return {k: redact_paths(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [redact_paths(v) for v in doc]
+    if isinstance(doc, str) and _looks_like_path(doc):
+        return os.path.basename(os.path.normpath(doc))
+    return doc
+
+
+def public_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """``Predictor.metadata()`` for the API: the run, dataset and checkpoint by name, no path anywhere."""
+    meta = dict(meta)
+    names = {k: os.path.basename(os.path.normpath(v)) if isinstance(v, str) and v else v
+             for k, v in (("run", meta.pop("run_dir", None)), ("dataset", meta.pop("data_dir", None)))}
+    return redact_paths({"model": meta.pop("model", None), **names, **meta})
+
+
 def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes: int = DEFAULT_MAX_BYTES,
-               batching: bool = True, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> FastAPI:
+               batching: bool = True, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, token: str | None = None
+               ) -> FastAPI:
     """Build the app around a loaded :class:`Predictor`.
 
     Args:
@@ -71,6 +107,8 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
             predictor's ``batch_size`` rows per model call); False scores each request on its own.
         max_in_flight: most POST requests served at once; more -> 503 with ``Retry-After`` (GETs are not
             counted, so ``/health`` answers under load).
+        token: the bearer token every request but ``GET /health`` must send (None: none needed); see
+            :func:`ctrflow.serve.access.load_token`.
 
     Returns:
         The FastAPI application (run it with uvicorn, or call it with ``fastapi.testclient.TestClient``).
@@ -90,6 +128,7 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
                   description="Scores raw rows with a trained ctrflow model behind its fitted ETL workflow.")
     app.state.predictor, app.state.batcher, app.state.limits = predictor, batcher, limits
     app.add_middleware(RequestLimits, stats=limits)
+    app.add_middleware(AccessRules, token=token, max_bytes=max_bytes)  # added last: runs first
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
@@ -101,8 +140,9 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:  # a bug, never bad input: log it
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}", "field": None}, status_code=500)
+        log.exception("internal error on %s", request.url.path)  # the message may hold paths: the log only
+        return JSONResponse({"detail": f"internal error ({type(e).__name__}): see the server's log", "field": None},
+                            status_code=500)
 
     async def read_body(request: Request) -> bytes:  # RequestLimits has checked the size already / stops at it
         return b"".join([chunk async for chunk in request.stream()])
@@ -139,22 +179,31 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
         rows = predictor.rank_rows({} if doc.get("context") is None else doc["context"], candidates)
         return candidates, predictor.columns(rows, "candidates")
 
+    async def parse(fn: Any, body: bytes) -> Any:  # in a worker thread: JSON + validation cost CPU
+        if batcher is None:
+            return await run_in_threadpool(fn, body)
+        batcher.parsing += 1  # the batcher waits a little for these (the event loop is the only writer)
+        try:
+            return await run_in_threadpool(fn, body)
+        finally:
+            batcher.parsing -= 1
+
     async def score(columns: Any) -> Any:
         if batcher is None:
             return await run_in_threadpool(predictor.score_columns, columns)
         return await asyncio.wrap_future(batcher.submit(columns))
 
     @app.post("/predict", openapi_extra=_PREDICT_BODY, summary="Score raw rows")
-    async def predict(request: Request) -> dict[str, Any]:
-        columns = await run_in_threadpool(parse_predict, await read_body(request))
+    async def predict(request: Request) -> Response:
+        columns = await parse(parse_predict, await read_body(request))
         scores = await score(columns)
-        return {"scores": [_finite(x) for x in scores.tolist()]}
+        return _json({"scores": [_finite(x) for x in scores.tolist()]})
 
     @app.post("/rank", openapi_extra=_RANK_BODY, summary="Rank candidates for one context")
-    async def rank(request: Request) -> dict[str, Any]:
-        candidates, columns = await run_in_threadpool(parse_rank, await read_body(request))
+    async def rank(request: Request) -> Response:
+        candidates, columns = await parse(parse_rank, await read_body(request))
         ranked = rank_order(await score(columns))
-        return {"ranked": [{"index": i, "score": _finite(s), "candidate": candidates[i]} for i, s in ranked]}
+        return _json({"ranked": [{"index": i, "score": _finite(s), "candidate": candidates[i]} for i, s in ranked]})
 
     @app.get("/health", summary="Liveness")
     def health() -> dict[str, Any]:
@@ -166,7 +215,8 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
         batching_info = {"enabled": batcher is not None, "max_rows": batcher.max_rows if batcher else None,
                          "model_calls": batcher.batches if batcher else None,
                          "requests": batcher.requests if batcher else None}
-        return {**predictor.metadata(), "batching": batching_info,
+        return {**public_metadata(predictor.metadata()), "batching": batching_info,
+                "access": {"token_required": token is not None, "content_type": "application/json"},
                 "limits": {"max_rows": max_rows, "max_bytes": max_bytes, "max_in_flight": max_in_flight,
                            "in_flight": limits.in_flight, "rejected_too_large": limits.too_large,
                            "rejected_busy": limits.busy}}

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -60,21 +61,26 @@ def column_array(col: str, values: Sequence[Any], target: pa.DataType | None, se
     """
     if target is not None and is_list_type(target):
         return list_column_array(col, values, target, sep)
+    kinds = set(map(type, values))  # one C-level pass; the checks below are then set operations
     if target is None:
         fast = False
     elif pa.types.is_string(target):
-        fast = all(v is None or type(v) is str for v in values)
+        fast = kinds <= _STR_KINDS
     elif pa.types.is_integer(target):  # arrow would truncate 2.5 to 2 silently
-        fast = all(v is None or type(v) is int for v in values)
+        fast = kinds <= _INT_KINDS
     else:  # arrow would take booleans as 0 / 1 and refuses numeric strings: both go the slow way
-        fast = not any(v is True or v is False or type(v) is str for v in values)
-    if fast:
-        try:
+        fast = not kinds & _NOT_FLOAT_KINDS
+    try:
+        if fast:
             arr = pa.array(values, type=target, from_pandas=True)
             if not pa.types.is_floating(target) or not pc.any(pc.is_inf(arr)).as_py():
                 return arr
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeError):
-            pass
+        elif pa.types.is_integer(target) and kinds <= _NUMBER_KINDS:
+            arr = _integral_floats(values, target)  # 3.0 for 3: what JSON encoders write for a float column
+            if arr is not None:
+                return arr
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeError):
+        pass
     coerced = [coerce(col, i, v, target) for i, v in enumerate(values)]
     try:
         return pa.array(coerced, type=target, from_pandas=True)
@@ -83,6 +89,15 @@ def column_array(col: str, values: Sequence[Any], target: pa.DataType | None, se
         raise ServeError(f"column {col!r} row {i}: the string is not valid Unicode text", col) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:  # e.g. mixed kinds with no recorded type
         raise ServeError(f"column {col!r}: values of mixed or unsupported types ({e})", col) from None
+
+
+def _integral_floats(values: Sequence[Any], target: pa.DataType) -> pa.Array | None:
+    """Ints and integral floats as ``target`` in two arrow calls; None when a value is not an integer."""
+    exact = pa.array(values, type=target, from_pandas=True)  # big ints stay exact; 2.5 would truncate to 2 ...
+    as_float = pa.array(values, type=pa.float64(), from_pandas=True)
+    if pc.all(pc.equal(pc.floor(as_float), as_float)).as_py() is False:  # ... so it is refused here
+        return None
+    return exact
 
 
 def to_frame(arrays: Mapping[str, pa.Array]) -> pd.DataFrame:
@@ -124,17 +139,8 @@ def columns_from_records(rows: Any, types: Mapping[str, pa.DataType | None], fie
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise ServeError(f"{field}[{i}] must be an object {{column: value}}, got {what(r)}", f"{field}[{i}]")
-    nowhere = [c for c in types if not any(c in r for r in rows)]
-    if nowhere:
-        names = ", ".join(map(repr, nowhere[:8])) + (f" and {len(nowhere) - 8} more" if len(nowhere) > 8 else "")
-        raise ServeError(f"missing column{'s' * (len(nowhere) > 1)} {names} (send null for a missing value)",
-                         nowhere[0])
     arrays = {}
-    for col, target in types.items():
-        values = [r.get(col, _MISSING) for r in rows]
-        absent = next((i for i, v in enumerate(values) if v is _MISSING), None)
-        if absent is not None:
-            raise ServeError(f"{field}[{absent}] is missing column {col!r} (send null for a missing value)", col)
+    for (col, target), values in zip(types.items(), _transpose(rows, list(types), field), strict=True):
         arrays[col] = column_array(col, values, target, (separators or {}).get(col))
     _check_weights(arrays, types)
     for col, value in (fill or {}).items():
@@ -220,9 +226,29 @@ def num_rows(columns: Mapping[str, pa.Array]) -> int:
     return len(next(iter(columns.values()))) if columns else 0
 
 
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
+def _transpose(rows: list[dict], cols: list[str], field: str) -> list[Sequence[Any]]:
+    """The values of each of ``cols`` across ``rows`` (row order), or the error naming a missing column.
+
+    ``itemgetter`` + ``zip`` move the values in C: a per-value Python loop cost more than parsing the JSON.
+    """
+    if not cols:
+        return []
+    try:
+        if len(cols) == 1:
+            return [list(map(itemgetter(cols[0]), rows))]
+        return list(zip(*map(itemgetter(*cols), rows), strict=True))
+    except KeyError:
+        pass
+    nowhere = [c for c in cols if not any(c in r for r in rows)]
+    if nowhere:
+        names = ", ".join(map(repr, nowhere[:8])) + (f" and {len(nowhere) - 8} more" if len(nowhere) > 8 else "")
+        raise ServeError(f"missing column{'s' * (len(nowhere) > 1)} {names} (send null for a missing value)",
+                         nowhere[0])
+    i, col = next((i, c) for i, r in enumerate(rows) for c in cols if c not in r)
+    raise ServeError(f"{field}[{i}] is missing column {col!r} (send null for a missing value)", col)
 
 
-_MISSING = _Missing()
+_STR_KINDS = frozenset({str, type(None)})
+_INT_KINDS = frozenset({int, type(None)})
+_NOT_FLOAT_KINDS = frozenset({bool, str})
+_NUMBER_KINDS = frozenset({int, float, type(None)})

@@ -87,18 +87,18 @@ class RequestLimits:
         if lengths:
             text = lengths[0].decode("latin-1").strip()
             if len(lengths) > 1 or not text.isdigit():
-                await _respond(send, HTTPError(400, "invalid Content-Length header", "body", {"connection": "close"}))
+                await respond(send, HTTPError(400, "invalid Content-Length header", "body", {"connection": "close"}))
                 return
             if int(text) > stats.max_bytes:  # refused before a byte of the body is read
                 stats.too_large += 1
-                await _respond(send, too_large(int(text), stats.max_bytes))
+                await respond(send, too_large(int(text), stats.max_bytes))
                 return
         if stats.in_flight >= stats.max_in_flight:
             stats.busy += 1
-            if not await _drain(scope, receive, stats.max_bytes):
-                await _respond(send, too_large(None, stats.max_bytes))
+            if not await drain_body(scope, receive, stats.max_bytes):
+                await respond(send, too_large(None, stats.max_bytes))
                 return
-            await _respond(send, HTTPError(
+            await respond(send, HTTPError(
                 503, f"server busy: {stats.in_flight} requests in flight (--max-in-flight {stats.max_in_flight}); "
                 f"retry after {RETRY_AFTER_S} s", None, {"retry-after": str(RETRY_AFTER_S)}))
             return
@@ -128,12 +128,12 @@ class RequestLimits:
         except HTTPError as e:  # raised where the app has no handler for it (the app's own handler answers first)
             if started:
                 raise
-            await _respond(send, e)
+            await respond(send, e)
         finally:
             stats.in_flight -= 1
 
 
-async def _drain(scope: Scope, receive: Receive, max_bytes: int) -> bool:
+async def drain_body(scope: Scope, receive: Receive, max_bytes: int) -> bool:
     """Read and drop a request's body (False: it passed ``max_bytes``), unless the client awaits ``100 Continue``.
 
     A refused request's body is drained, not parsed, so that the client reads the refusal: uvicorn closes
@@ -155,7 +155,7 @@ async def _drain(scope: Scope, receive: Receive, max_bytes: int) -> bool:
             return True
 
 
-async def _respond(send: Send, e: HTTPError) -> None:
+async def respond(send: Send, e: HTTPError) -> None:
     """Send ``e`` as the API's JSON error body."""
     body = json.dumps({"detail": e.message, "field": e.field}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -58,6 +58,9 @@ def client(predictor):
         yield c
 
 
+JSON = {"content-type": "application/json"}  # what httpx's json= sets; content= sends no type
+
+
 def _records(raw: pd.DataFrame, n: int) -> list[dict]:
     """Rows as a JSON client sends them (null for missing values, no label)."""
     return json.loads(raw.drop(columns=["label"]).head(n).to_json(orient="records"))
@@ -261,7 +264,7 @@ def test_predict_endpoint_matches_predictor(client, predictor, raw):
     first = client.post("/predict", json={"rows": rows[:3]}).json()["scores"]
     np.testing.assert_allclose(first, r.json()["scores"][:3], atol=1e-6)  # another batch size: other blocking
     nan_row = json.dumps(rows[:1]).replace("null", "NaN")  # Python's json.dumps of a missing float
-    assert client.post("/predict", content=nan_row).status_code == 200
+    assert client.post("/predict", content=nan_row, headers=JSON).status_code == 200
 
 
 def test_rank_endpoint_order_equals_sorted_predict(client, raw):
@@ -307,7 +310,7 @@ def _bad_requests(rows: list[dict]) -> list[tuple[str, dict, int, str]]:
 
 def test_bad_requests_get_a_4xx_naming_the_field(client, raw):
     for path, kwargs, status, field in _bad_requests(_records(raw, 1)):
-        r = client.post(path, **kwargs)
+        r = client.post(path, **kwargs, headers=JSON)
         assert r.status_code == status, (path, kwargs.keys(), r.status_code, r.text)
         body = r.json()
         assert body["field"] == field, (path, body)

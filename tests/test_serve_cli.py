@@ -135,8 +135,11 @@ def test_the_readme_examples_score(client, predictor):
 
 # ---- request limits -----------------------------------------------------------------------------
 def _asgi(app, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b""):
-    """One raw ASGI request -> (status, headers, body, number of receive() calls the app made)."""
+    """One raw ASGI request -> (status, headers, body, number of receive() calls the app made); a JSON
+    ``content-type`` unless ``headers`` name one."""
     calls, sent = [0], []
+    if not any(k == b"content-type" for k, _ in headers):
+        headers = [*headers, (b"content-type", b"application/json")]
 
     async def receive():
         calls[0] += 1
@@ -196,7 +199,8 @@ def test_requests_past_max_in_flight_get_503_with_retry_after(predictor):
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve",
+                                     headers={"content-type": "application/json"}) as c:
             first = asyncio.create_task(c.post("/predict", content=README_PREDICT))
             assert await asyncio.to_thread(entered.wait, 60)  # the first request holds the only slot
             busy = await c.post("/predict", content=README_PREDICT)

@@ -32,6 +32,7 @@ with warnings.catch_warnings():  # starlette's note about httpx versions, not ab
 
 from ctrflow.serve import create_app  # noqa: E402
 
+JSON = {"content-type": "application/json"}  # content= sends no type; the server wants JSON
 FEATURES = """
 [features.item_id]
 shared = "items"
@@ -264,7 +265,7 @@ def test_bad_list_requests_get_a_422_naming_the_field(client, raw):
     one = _records(raw, 1)[0]
     for row, field, _ in _bad_list_rows(one):
         for path, body in (("/predict", [row]), ("/rank", {"context": {}, "candidates": [row]})):
-            r = client.post(path, content=json.dumps(body))  # json.dumps: Infinity as Python writes it
+            r = client.post(path, content=json.dumps(body), headers=JSON)  # json.dumps: Infinity as Python writes it
             assert r.status_code == 422, (path, field, r.text)
             assert r.json()["field"] == field and field in r.json()["detail"], r.json()
     r = client.post("/rank", json={"context": {"hist_items": "not a list"}, "candidates": [one]})
