@@ -41,6 +41,7 @@ from ctrflow.serve.inputs import (
 )
 from ctrflow.serve.list_inputs import is_list_target, jagged_inputs, weight_pairs
 from ctrflow.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from ctrflow.train.target import predict
 
 DEFAULT_BATCH_SIZE = 65536
 
@@ -172,12 +173,13 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  checkpoint: str | None = None, data_dir: str | None = None) -> Predictor:
-        """Load a run directory written by ``train/fit.py`` (its newest checkpoint by default).
+        """Load a run directory written by ``train/fit.py``: its best checkpoint (``best.pt``, what the run
+        reported) when it kept one, else its newest.
 
         Args:
             run_dir: the run directory (``--out`` of ``train/fit.py``).
             device: see the class; batch_size: rows per model call.
-            checkpoint: a checkpoint file to use instead of the newest one.
+            checkpoint: a checkpoint file to use instead.
             data_dir: the processed dataset (``workflow/`` + ``schema.json``) when it moved since training;
                 by default the one the run recorded.
 
@@ -187,7 +189,8 @@ class Predictor:
         run_dir = os.fspath(run_dir)
         if not os.path.isdir(run_dir):
             raise RunError(f"run directory {run_dir} does not exist (train one with `python train/fit.py --out DIR`)")
-        path = checkpoint or latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        best = os.path.join(run_dir, "best.pt")
+        path = checkpoint or (best if os.path.isfile(best) else latest_checkpoint(os.path.join(run_dir, "checkpoints")))
         if path is None:
             raise RunError(f"{run_dir} has no checkpoints/ckpt-*.pt: not a finished training run")
         try:
@@ -209,6 +212,7 @@ class Predictor:
                 "checkpoint": os.path.abspath(path), "step": state.get("step"),
                 "model_class": type(model).__name__, "model_config": getattr(model, "config", None),
                 "workflow_versions": _workflow_versions(os.path.join(data, "workflow"))}
+        info["target"] = train_cfg.get("target")  # regression: the trainer's output transform
         return cls(model, workflow, schema, train_cfg.get("task", "binary"), device, batch_size, info)
 
     # ---- scoring ------------------------------------------------------------------------------
@@ -238,7 +242,9 @@ class Predictor:
         if out.dim() == 2 and out.shape[1] == 2 and self.task == "binary":
             out = out[:, 1] - out[:, 0]  # two-class softmax == sigmoid of the logit difference (as the trainer)
         out = out.reshape(-1)
-        return torch.sigmoid(out) if self.task == "binary" else out
+        if self.task == "binary":
+            return torch.sigmoid(out)
+        return predict(out, self.info.get("target"))  # in the target's units, as the trainer reported
 
     @torch.inference_mode()
     def predict_processed(self, processed: pd.DataFrame) -> np.ndarray:

@@ -319,3 +319,36 @@ def test_bad_requests_get_a_4xx_naming_the_field(client, raw):
             assert field in body["detail"], body
     assert client.get("/health").status_code == 200  # still up
     assert client.get("/predict").status_code == 405
+
+
+def test_the_best_checkpoint_is_served(run, tmp_path):
+    # A run that kept best.pt is served from it (what the run reported), not from its newest checkpoint.
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    assert (copy / "best.pt").exists()
+    assert Predictor.from_run(copy, device="cpu").info["checkpoint"].endswith("best.pt")
+    (copy / "best.pt").unlink()
+    assert "ckpt-" in Predictor.from_run(copy, device="cpu").info["checkpoint"]
+
+
+def test_a_regression_run_is_served_in_the_targets_units(tmp_path):
+    # The trainer learns a range-squashed target (ctrflow.train.target); serving applies the same transform.
+    root = tmp_path
+    synthetic.generate(str(root / "raw"), rows=3000, seed=5, part_rows=3000)
+    for split in ("train", "valid"):  # a rating-like label: 1..5
+        for f in (root / "raw" / split).glob("*.parquet"):
+            t = pq.read_table(f).to_pandas()
+            t["label"] = (t["I2"].fillna(0).clip(0, 4) + 1).round().astype("float64")
+            t.to_parquet(f)
+    assert etl_main(["--input", str(root / "raw" / "train"), "--valid", str(root / "raw" / "valid"), "--task",
+                     "regression", "--output", str(root / "proc"), "--no-progress"]) == 0
+    assert fit_main(["--data", str(root / "proc"), "--out", str(root / "run"), "--max-steps", "10",
+                     "--batch-size", "256", "--embedding-dim", "4", "--layers", "16", "--bottom-layers", "8",
+                     "--no-progress", "--no-loader-bench", "--threads", "1"]) == 0
+    p = Predictor.from_run(root / "run", device="cpu")
+    raw = pq.read_table(root / "raw" / "valid").to_pandas()
+    scores = p.predict(raw.drop(columns=["label"]))
+    lo, hi = p.info["target"]["y_range"]
+    assert (lo, hi) == (0.5, 5.5) and ((scores > lo) & (scores < hi)).all()
