@@ -54,47 +54,18 @@ __all__ = ["UsageError", "build_parser", "build_workflow", "main", "parse_args",
 CRITEO_CONTS = ",".join(f"I{i}" for i in range(1, 14))
 CRITEO_CATS = ",".join(f"C{i}" for i in range(1, 27))
 
+from ctrflow.etl.cli_help import DefaultsHelpFormatter, usage_name  # noqa: E402
 from ctrflow.etl.config import DEFAULTS  # noqa: E402
 
 log = logging.getLogger("ctrflow.etl")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the module docstring's layout and appends ``(default: X)`` to every option with a real default.
-
-    None, False and [] are left to the help text, which says what they mean (argparse would print
-    "default: None").
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text, d = action.help or "", action.default
-        unset = d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d)
-        if "%(default)" in text or "(default:" in text or unset or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
+_HelpFormatter = DefaultsHelpFormatter
 
 
 def _prog(argv0: str | None = None, orig_argv: list[str] | None = None) -> str:
-    """The command the user typed, for the usage line.
-
-    Args:
-        argv0: ``sys.argv[0]`` (default: the running one).
-        orig_argv: the interpreter's own argv (default: ``sys.orig_argv``), to recognise ``python -m``.
-
-    Returns:
-        ``ctrflow-etl`` (the console script), ``python -m ctrflow.etl.run``, or the script path as typed
-        (``etl/run.py``); ``etl/run.py`` when called from other code (tests, notebooks).
-    """
-    argv0 = sys.argv[0] if argv0 is None else argv0
-    orig = list(getattr(sys, "orig_argv", [])) if orig_argv is None else orig_argv
-    name = os.path.basename(argv0)
-    if name.startswith("ctrflow-etl"):  # ctrflow-etl, ctrflow-etl.exe, ctrflow-etl-script.py
-        return "ctrflow-etl"
-    if name == "run.py":
-        if "-m" in orig:
-            return f"python -m {orig[orig.index('-m') + 1]}" if orig.index("-m") + 1 < len(orig) else "python -m"
-        return argv0
-    return "etl/run.py"
+    """The command the user typed (:func:`ctrflow.etl.cli_help.usage_name`)."""
+    return usage_name("ctrflow-etl", "ctrflow.etl.run", "etl/run.py", argv0, orig_argv)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
-import os
 import socket
 import sys
 
+from ctrflow.etl.cli_help import DefaultsHelpFormatter, usage_name
 from ctrflow.serve.access import TOKEN_ENV, load_token
 from ctrflow.serve.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_ROWS  # no FastAPI needed
 from ctrflow.serve.predictor import DEFAULT_BATCH_SIZE
@@ -38,22 +38,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Appends ``(default: X)`` to an option's help when it has a value default the text does not state."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if default is None or default is argparse.SUPPRESS or isinstance(default, bool) or "%(default)" in text:
-            return text
-        return f"{text} (default: %(default)s)"
+_Formatter = DefaultsHelpFormatter
 
 
 def prog_name(argv0: str | None = None) -> str:
     """How the user started the server, for the usage line: the console script or ``python -m``."""
-    name = os.path.basename(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else ""))
-    stem = name.removesuffix(".exe").removesuffix("-script.py")  # Windows launchers
-    return CONSOLE_SCRIPT if stem == CONSOLE_SCRIPT else "python -m ctrflow.serve"
+    name = usage_name(CONSOLE_SCRIPT, "ctrflow.serve", "python -m ctrflow.serve", argv0, orig_argv=[])
+    return name if name == CONSOLE_SCRIPT else "python -m ctrflow.serve"
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

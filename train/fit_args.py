@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 
+from ctrflow.etl.cli_help import DefaultsHelpFormatter, usage_name
 from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, TABULAR_MAX_DIM
 from ctrflow.models.protocol import MODELS
 from ctrflow.train.config import EMBEDDING_LR, LR, OPTIMIZERS, TrainConfig
@@ -35,29 +34,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class _Help(argparse.RawDescriptionHelpFormatter):
-    """Shows every flag's default (lists comma-joined, as they are typed), unless its help says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        d = action.default
-        if "default" in text or d is None or d is False or d is argparse.SUPPRESS:
-            return text
-        shown = ",".join(map(str, d)) if isinstance(d, list) else str(d).replace("%", "%%")
-        return f"{text} (default: {shown})"
-
-
-def prog_name(script: str) -> str:
-    """The command as the user typed it: ``ctrflow-fit`` for the console script, else ``python <script>``."""
-    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if base.startswith("ctrflow-"):
-        return base
-    return f"python {script}"
+def prog_name(script: str = "train/fit.py") -> str:
+    """The command the user typed (:func:`ctrflow.etl.cli_help.usage_name`)."""
+    return usage_name("ctrflow-fit", "ctrflow.train.fit", script)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; :class:`UsageError` on bad arguments."""
-    p = _Parser(prog=prog_name("train/fit.py"), formatter_class=_Help,
+    p = _Parser(prog=prog_name("train/fit.py"), formatter_class=DefaultsHelpFormatter,
                 description="Train a CTR model on a processed dataset and report validation AUC / logloss (or RMSE).")
     p.add_argument("--data", default="data/processed", help="processed dataset dir (etl/run.py's --output)")
     p.add_argument("--model", choices=tuple(MODELS), default="dlrm",
