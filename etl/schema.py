@@ -42,6 +42,11 @@ class ColumnSchema:
         vocabulary: name of the vocabulary the ids come from when several columns share one
             (``Categorify`` with a shared encoding); ids of columns with the same ``vocabulary`` mean the
             same value, so a model may look them up in one table. ``None``: the column's own vocabulary.
+        quantiles: for a continuous column, quantile edges of its stored (output) values on the training
+            split, strictly increasing: the exact min, the approximate ``1/K .. (K-1)/K`` quantiles and the
+            exact max (K = 32 by default), ties merged; ``ctrflow.models.numeric`` builds piecewise-linear
+            encodings from them. ``None``: not recorded (written by an older ETL, or the column's last op is
+            not ``Normalize``).
     """
 
     name: str
@@ -52,6 +57,7 @@ class ColumnSchema:
     max_length: int | None = None
     weights: str | None = None
     vocabulary: str | None = None
+    quantiles: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -280,7 +280,8 @@ class Workflow:
                 info = op.column_info(source)
                 cols.append(ColumnSchema(name, info["kind"], info["dtype"] or "unknown",
                                          info.get("cardinality"), info.get("embedding_dim"),
-                                         max_length=info.get("max_length"), vocabulary=info.get("vocabulary")))
+                                         max_length=info.get("max_length"), vocabulary=info.get("vocabulary"),
+                                         quantiles=info.get("quantiles")))
         return lists.list_schema(self, Schema(cols))
 
     # ---- persistence ------------------------------------------------------------------------
