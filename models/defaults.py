@@ -1,9 +1,9 @@
 """Model defaults, written once: the constructors, ``from_schema`` and ``train/fit.py`` read them.
 
-``HIDDEN`` is the widths of every MLP (fastai's TabularModel, DLRM's bottom and top archs), the
-seed notebook's ``layers=[512, 256]``; DLRM's interaction needs one embedding dim for every table;
-TabularModel keeps the schema's per-table dims, capped (the seed notebook capped them at 16; 64
-trained better on the embedded data: bench/RESULTS.md, "Training").
+``HIDDEN`` is the widths of every MLP (fastai's TabularModel, DLRM's bottom and top archs, DCN-v2's
+deep network), the seed notebook's ``layers=[512, 256]``; DLRM's interaction needs one embedding dim
+for every table; TabularModel and DCN-v2 keep the schema's per-table dims, capped (the seed notebook
+capped them at 16; 64 trained better on the embedded data: bench/RESULTS.md, "Training").
 """
 
 from __future__ import annotations
@@ -11,3 +11,4 @@ from __future__ import annotations
 HIDDEN: tuple[int, ...] = (512, 256)
 DLRM_EMBEDDING_DIM = 16
 TABULAR_MAX_DIM = 64
+DCN_CROSS_LAYERS = 3  # DCN-v2's cross layers

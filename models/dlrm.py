@@ -3,9 +3,12 @@
 ::
 
     continuous [B, n_cont] -> DenseArch (MLP, ReLU) ------------> dense [B, D] --+
-    ids [B, F] -> SparseArch (F tables in one fused weight) -----> sparse [B, F, D] --+
+    ids [B, F] -> embedding part (SparseArch: F tables in one weight) -> sparse [B, F, D] --+
         -> InteractionArch: [dense, all pairwise dots of (dense, sparse_1..F)]  [B, D + F(F+1)/2]
         -> OverArch (MLP, ReLU, last layer linear) -> logits [B, 1]
+
+With per-feature options (``features=``) the embedding part is a
+:class:`~ctrflow.models.feature_embedding.FeatureEmbedding` and F counts its slots (list features too).
 
 Same layout and initialisation as torchrec's ``torchrec/models/dlrm.py`` (embedding rows
 ``U(-1/sqrt(card), 1/sqrt(card))``), so the benchmark compares like with like; the difference is the
@@ -23,44 +26,22 @@ import torch
 from torch import nn
 
 from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN
-from ctrflow.models.embedding import FusedEmbedding, check_ids
-from ctrflow.models.feature_embedding import FeatureEmbedding, features_columns
+from ctrflow.models.embedding import SparseArch
+from ctrflow.models.embedding_part import HasEmbeddingPart, build_embedding, stack_slots
 from ctrflow.models.features import as_features
+from ctrflow.models.mlp import mlp
 from ctrflow.models.sizes import as_schema, embedding_sizes
 
-
-def mlp(in_features: int, sizes: Sequence[int], last_activation: bool = True) -> nn.Sequential:
-    """Linear layers of the given widths with ReLU between them (and after the last if asked)."""
-    layers: list[nn.Module] = []
-    for i, width in enumerate(sizes):
-        layers.append(nn.Linear(in_features, width))
-        if last_activation or i < len(sizes) - 1:
-            layers.append(nn.ReLU(inplace=True))
-        in_features = width
-    return nn.Sequential(*layers)
-
-
-class SparseArch(nn.Module):
-    """One embedding table per categorical feature (fused into one weight).
-
-    Args: cardinalities [F], dim D, sparse (sparse gradients), init (``"uniform"``: torchrec's).
-    """
-
-    def __init__(self, cardinalities: Sequence[int], dim: int, sparse: bool = True, init: str = "uniform"):
-        super().__init__()
-        self.embedding = FusedEmbedding(cardinalities, dim, sparse=sparse, init=init)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Args: ids [B, F]. Returns: [B, F, D]."""
-        return self.embedding(ids)
+__all__ = ["DLRM", "DenseArch", "InteractionArch", "OverArch", "SparseArch", "mlp"]
 
 
 class DenseArch(nn.Module):
-    """Bottom MLP over the continuous inputs: [B, n_cont] -> [B, D] (ReLU after every layer)."""
+    """Bottom MLP over the continuous inputs: [B, n_cont] -> [B, D] (ReLU after every layer, ``dropout``
+    after every layer but the last)."""
 
-    def __init__(self, in_features: int, layer_sizes: Sequence[int]):
+    def __init__(self, in_features: int, layer_sizes: Sequence[int], dropout: float = 0.0):
         super().__init__()
-        self.model = mlp(in_features, layer_sizes, last_activation=True)
+        self.model = mlp(in_features, layer_sizes, last_activation=True, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -98,19 +79,19 @@ class InteractionArch(nn.Module):
 
 
 class OverArch(nn.Module):
-    """Top MLP: ReLU after every layer but the last, which outputs the logits."""
+    """Top MLP: ReLU (then ``dropout``) after every layer but the last, which outputs the logits."""
 
-    def __init__(self, in_features: int, layer_sizes: Sequence[int]):
+    def __init__(self, in_features: int, layer_sizes: Sequence[int], dropout: float = 0.0):
         super().__init__()
         if not layer_sizes:
             raise ValueError("OverArch needs at least one layer (the output)")
-        self.model = mlp(in_features, layer_sizes, last_activation=False)
+        self.model = mlp(in_features, layer_sizes, last_activation=False, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
 
-class DLRM(nn.Module):
+class DLRM(HasEmbeddingPart):
     """Deep Learning Recommendation Model, returning logits [B, 1].
 
     Args:
@@ -125,6 +106,11 @@ class DLRM(nn.Module):
             or their dict), replacing one table per column: shared tables, list features pooled into
             one more sparse feature each (``concat`` lists: ``concat_n`` more). Every table's dim
             must be ``embedding_dim``; ``cardinalities`` is then ignored. Without it: as before.
+        dropout: dropout after every hidden layer of the bottom and top MLPs (not after the bottom's
+            output, the dense vector of the interaction); 0 (default): none, and no Dropout modules.
+
+    The embedding part (:func:`~ctrflow.models.embedding_part.build_embedding`) is held as
+    ``sparse_arch`` (plain tables) or ``features`` (per-feature options): :attr:`embedding_part`.
     """
 
     def __init__(
@@ -137,21 +123,13 @@ class DLRM(nn.Module):
         sparse: bool = True,
         init: str = "uniform",
         features: Any = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if features is not None:
-            features = as_features(features)
-            bad = [(t.name, t.dim) for t in features.tables if t.dim != embedding_dim]
-            if bad:
-                raise ValueError(f"DLRM needs every table of dim embedding_dim={embedding_dim}; got {bad}")
-            cardinalities = [f.cardinality for f in features.categorical] or [1]
-        cards = [int(c) for c in cardinalities]
         dense_sizes = [int(x) for x in dense_arch_layer_sizes]
         over_sizes = [int(x) for x in over_arch_layer_sizes]
         if n_cont < 1:
             raise ValueError(f"DLRM needs at least one continuous input (n_cont={n_cont}); use TabularModel")
-        if not cards:
-            raise ValueError("DLRM needs at least one categorical feature")
         if not dense_sizes or dense_sizes[-1] != embedding_dim:
             raise ValueError(
                 f"the dense arch's last layer must equal embedding_dim={embedding_dim} "
@@ -159,24 +137,24 @@ class DLRM(nn.Module):
             )
         if not over_sizes:
             raise ValueError("over_arch_layer_sizes must hold at least the output width")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        part = build_embedding([(c, embedding_dim) for c in cardinalities], features, sparse=sparse, init=init,
+                               one_dim=True)
+        if part.dims != [embedding_dim]:
+            raise ValueError(f"DLRM needs every table of dim embedding_dim={embedding_dim}; got dims {part.dims}")
         self.config: dict[str, Any] = {
-            "cardinalities": cards, "n_cont": int(n_cont), "embedding_dim": int(embedding_dim),
-            "dense_arch_layer_sizes": dense_sizes, "over_arch_layer_sizes": over_sizes,
-            "sparse": sparse, "init": init,
+            "cardinalities": [c for c, _ in part.emb_szs] or [1], "n_cont": int(n_cont),
+            "embedding_dim": int(embedding_dim), "dense_arch_layer_sizes": dense_sizes,
+            "over_arch_layer_sizes": over_sizes, "sparse": sparse, "init": init,
+            **({"dropout": float(dropout)} if dropout else {}), **part.config,
         }
-        self.n_cat = len(cards)
+        self.n_cat = part.num_columns
         self.n_cont = int(n_cont)
-        self.features = None
-        n_sparse = len(cards)
-        if features is not None:
-            self.config["features"] = features.to_dict()
-            self.features = FeatureEmbedding(features, sparse=sparse)
-            self.n_cat, n_sparse = features_columns(features), self.features.num_slots
-        else:
-            self.sparse_arch = SparseArch(cards, embedding_dim, sparse=sparse, init=init)
-        self.dense_arch = DenseArch(n_cont, dense_sizes)
-        self.inter_arch = InteractionArch(n_sparse)
-        self.over_arch = OverArch(embedding_dim + self.inter_arch.out_features_extra, over_sizes)
+        self.set_embedding_part(part)
+        self.dense_arch = DenseArch(n_cont, dense_sizes, dropout)
+        self.inter_arch = InteractionArch(part.num_slots)
+        self.over_arch = OverArch(embedding_dim + self.inter_arch.out_features_extra, over_sizes, dropout)
 
     @classmethod
     def from_schema(
@@ -208,27 +186,21 @@ class DLRM(nn.Module):
     @classmethod
     def from_options(cls, schema: Any, layers: Sequence[int] | None = None,
                      bottom_layers: Sequence[int] | None = None, embedding_dim: int | None = None,
-                     features: Any = None) -> DLRM:
+                     features: Any = None, dropout: float | None = None) -> DLRM:
         """``fit.py``'s model flags: ``layers`` the top MLP's hidden widths, ``bottom_layers`` the bottom
-        MLP's before its projection to ``embedding_dim`` (every table's dim); None: the defaults."""
+        MLP's before its projection to ``embedding_dim`` (every table's dim), ``dropout`` after the hidden
+        layers of both; None: the defaults."""
         d = embedding_dim or DLRM_EMBEDDING_DIM
         return cls.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*(bottom_layers or HIDDEN), d],
-                               over_arch_layer_sizes=[*(layers or HIDDEN), 1], features=features)
-
-    @property
-    def takes_lists(self) -> bool:
-        """The model reads list features (the trainer then passes ``lists=`` / ``weights=``)."""
-        return self.features is not None and bool(self.features.list_features)
+                               over_arch_layer_sizes=[*(layers or HIDDEN), 1], features=features,
+                               dropout=dropout or 0.0)
 
     def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None, lists: Any = None) -> None:
         """Raise ``ValueError`` if a batch does not fit the model (column counts, id ranges)."""
         n_cont = 0 if continuous is None else continuous.shape[1]
         if n_cont != self.n_cont:
             raise ValueError(f"the data has {n_cont} continuous columns, the model {self.n_cont}")
-        if self.features is not None:
-            self.features.check_input(categorical, lists)
-            return
-        check_ids(categorical, self.config["cardinalities"])
+        self.embedding_part.check_input(categorical, lists)
 
     def forward(self, categorical: torch.Tensor, continuous: torch.Tensor, lists: Any = None,
                 weights: Any = None) -> torch.Tensor:
@@ -237,9 +209,5 @@ class DLRM(nn.Module):
         if continuous.dim() != 2 or continuous.shape[1] != self.n_cont:
             raise ValueError(f"expected continuous inputs of shape [B, {self.n_cont}], got {list(continuous.shape)}")
         dense = self.dense_arch(continuous.float())
-        if self.features is not None:
-            blocks = self.features(categorical, lists, weights)
-            sparse = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-        else:
-            sparse = self.sparse_arch(categorical)
+        sparse = stack_slots(self.embedding_part(categorical, lists, weights))  # [B, S, D]
         return self.over_arch(self.inter_arch(dense, sparse.to(dense.dtype)))

@@ -6,8 +6,9 @@ F). With ``sparse=True`` (the default) the backward pass yields a sparse gradien
 rows the batch used, so an optimizer from :mod:`ctrflow.train.optim` updates those rows and never
 touches the millions of others (a dense Adam step over 26 tables of up to 1M rows costs seconds).
 
-``EmbeddingTables`` groups features of mixed dims (fastai's ``emb_szs``) into one fused table per
-distinct dim.
+``SparseArch`` (F tables of one dim: DLRM's) and ``EmbeddingTables`` (features of mixed dims, fastai's
+``emb_szs``: one fused table per distinct dim) are the plain embedding parts of the models (see
+:mod:`ctrflow.models.embedding_part`).
 
 Shapes: B = batch rows, F = categorical features, D = embedding dim.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -110,13 +112,69 @@ class FusedEmbedding(nn.Module):
         return f"tables={self.num_features}, rows={self.weight.shape[0]}, dim={self.dim}, sparse={self.sparse}"
 
 
+class SparseArch(nn.Module):
+    """One embedding table per categorical feature, all of dim D, fused into one weight (DLRM's).
+
+    An :class:`~ctrflow.models.embedding_part.EmbeddingPart`: a model holds it as ``sparse_arch``
+    (checkpoint key ``sparse_arch.embedding.weight``).
+
+    Args:
+        cardinalities: rows of each table [F].
+        dim: D.
+        sparse: sparse gradients; init: ``"uniform"`` (torchrec's) or ``"normal"``.
+    """
+
+    module_name: ClassVar[str] = "sparse_arch"
+    list_features: ClassVar[tuple[Any, ...]] = ()  # no list features
+
+    def __init__(self, cardinalities: Sequence[int], dim: int, sparse: bool = True, init: str = "uniform"):
+        super().__init__()
+        cards = [int(c) for c in cardinalities]
+        if not cards:
+            raise ValueError("SparseArch needs at least one categorical feature (cardinalities=[])")
+        self.embedding = FusedEmbedding(cards, dim, sparse=sparse, init=init)
+        self.emb_szs = [(c, int(dim)) for c in cards]
+        self.dims = [int(dim)]
+
+    @property
+    def num_columns(self) -> int:
+        return len(self.emb_szs)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {}  # nothing beyond the model's own arguments
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.emb_szs)
+
+    @property
+    def out_features(self) -> int:
+        return len(self.emb_szs) * self.dims[0]
+
+    def forward(self, categorical: torch.Tensor, lists: Any = None, weights: Any = None) -> list[torch.Tensor]:
+        """Args: categorical [B, F] ids (``lists`` / ``weights`` unused). Returns: ``[[B, F, D]]``."""
+        return [self.embedding(categorical)]
+
+    def check_input(self, categorical: torch.Tensor | None, lists: Any = None) -> None:
+        """Raise ``ValueError`` naming the first feature whose ids fall outside its table."""
+        check_ids(_ids_or_empty(categorical), [c for c, _ in self.emb_szs])
+
+
 class EmbeddingTables(nn.Module):
     """Embeddings of features with mixed dims: one :class:`FusedEmbedding` per distinct dim.
+
+    An :class:`~ctrflow.models.embedding_part.EmbeddingPart`: a model holds it as ``embeds`` (checkpoint
+    keys ``embeds.groups.<k>.weight``, k-th smallest dim). No features (``emb_szs=[]``) is allowed: a
+    part with nothing to embed.
 
     Args:
         emb_szs: ``[(cardinality, dim), ...]`` per feature, in the order of the categorical columns.
         sparse, init, std: passed to every :class:`FusedEmbedding`.
     """
+
+    module_name: ClassVar[str] = "embeds"
+    list_features: ClassVar[tuple[Any, ...]] = ()  # no list features
 
     def __init__(
         self,
@@ -129,34 +187,60 @@ class EmbeddingTables(nn.Module):
         self.emb_szs = [(int(n), int(d)) for n, d in emb_szs]
         dims = sorted({d for _, d in self.emb_szs})
         self.groups = nn.ModuleList()
+        self.slots: list[int] = []
         for d in dims:
             feats = [i for i, (_, di) in enumerate(self.emb_szs) if di == d]
             self.register_buffer(f"features_{d}", torch.tensor(feats, dtype=torch.int64), persistent=False)
             self.groups.append(FusedEmbedding([self.emb_szs[i][0] for i in feats], d, sparse, init, std))
-        self._dims = dims
+            self.slots.append(len(feats))
+        self.dims = dims
         self.out_features = sum(d for _, d in self.emb_szs)
 
     @property
     def num_features(self) -> int:
         return len(self.emb_szs)
 
+    @property
+    def num_columns(self) -> int:
+        return len(self.emb_szs)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {}  # nothing beyond the model's own arguments
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.emb_szs)
+
     def _group_ids(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         if len(self.groups) == 1:
             return ids
-        return ids.index_select(1, getattr(self, f"features_{self._dims[k]}"))
+        return ids.index_select(1, getattr(self, f"features_{self.dims[k]}"))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Args: ids [B, F]. Returns: [B, sum(dims)] embeddings, grouped by dim (ascending)."""
+    def forward(self, categorical: torch.Tensor, lists: Any = None, weights: Any = None) -> list[torch.Tensor]:
+        """Args: categorical [B, F] ids (``lists`` / ``weights`` unused).
+
+        Returns: one block [B, F_k, D_k] per distinct dim D_k (ascending); F_k features have that dim.
+        """
+        ids = categorical
         if ids.dim() != 2 or ids.shape[1] != self.num_features:
             raise ValueError(
                 f"expected categorical ids of shape [B, {self.num_features}], got {list(ids.shape)}"
             )
-        outs = [g(self._group_ids(ids, k)).reshape(ids.shape[0], -1) for k, g in enumerate(self.groups)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return [g(self._group_ids(ids, k)) for k, g in enumerate(self.groups)]
 
     def check_ids(self, ids: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the first feature whose ids fall outside its table."""
         check_ids(ids, [n for n, _ in self.emb_szs])
+
+    def check_input(self, categorical: torch.Tensor | None, lists: Any = None) -> None:
+        """:meth:`check_ids`; no categorical input (``None`` or ``[B, 0]``) fits a part without features."""
+        self.check_ids(_ids_or_empty(categorical))
+
+
+def _ids_or_empty(categorical: torch.Tensor | None) -> torch.Tensor:
+    """``categorical``, or ``[0, 0]`` ids for ``None`` (a batch without categorical columns)."""
+    return torch.zeros((0, 0), dtype=torch.int64) if categorical is None else categorical
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ Shapes: B = rows, F = features, D = dim, N = list elements.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,15 @@ from ctrflow.models.pooling import pool
 class FeatureEmbedding(nn.Module):
     """Embeds the features of a :class:`~ctrflow.models.features.Features`.
 
+    An :class:`~ctrflow.models.embedding_part.EmbeddingPart`: a model holds it as ``features``
+    (checkpoint keys ``features.groups.<k>.weight``, k-th smallest table dim).
+
     Args:
         features: resolved features and tables (``FeatureConfig.resolve(schema)``).
         sparse: sparse gradients for the tables.
     """
+
+    module_name: ClassVar[str] = "features"
 
     def __init__(self, features: Features, sparse: bool = True) -> None:
         super().__init__()
@@ -63,6 +69,21 @@ class FeatureEmbedding(nn.Module):
         self.slots = [sum(1 for f in features.categorical if where[f.table][0] == g) for g in self.cat_groups]
         self.slots += [f.slots for f in self.list_features]
         self.block_dims = [dims[g] for g in self.cat_groups] + [dims[where[f.table][0]] for f in self.list_features]
+
+    @property
+    def emb_szs(self) -> list[tuple[int, int]]:
+        """``(cardinality, dim)`` of each categorical feature, in feature order."""
+        return [(f.cardinality, self.spec.table(f.table).dim) for f in self.spec.categorical]
+
+    @property
+    def num_columns(self) -> int:
+        """Categorical columns a batch must hold (the highest column used + 1)."""
+        return self.n_cat_columns
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What a model holding this part adds to its config: ``{"features": resolved features}``."""
+        return {"features": self.spec.to_dict()}
 
     @property
     def num_slots(self) -> int:

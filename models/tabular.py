@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from ctrflow.models.defaults import HIDDEN, TABULAR_MAX_DIM
-from ctrflow.models.embedding import EmbeddingTables
-from ctrflow.models.feature_embedding import FeatureEmbedding, features_columns
+from ctrflow.models.embedding_part import HasEmbeddingPart, build_embedding, flatten_slots
 from ctrflow.models.features import as_features
 from ctrflow.models.sizes import as_schema, embedding_sizes
 
 
-class TabularModel(nn.Module):
+class TabularModel(HasEmbeddingPart):
     """Embeddings + MLP for tabular data, fastai's argument names.
 
     Args:
@@ -48,6 +47,9 @@ class TabularModel(nn.Module):
         features: per-feature embedding options (resolved :class:`~ctrflow.models.features.Features`
             or their dict) instead of ``emb_szs``: shared tables, and list features whose pooled
             embeddings are concatenated with the others. Without it: as before.
+
+    The embedding part (:func:`~ctrflow.models.embedding_part.build_embedding`) is held as ``embeds``
+    (plain tables) or ``features`` (per-feature options): :attr:`embedding_part`.
     """
 
     def __init__(
@@ -67,12 +69,8 @@ class TabularModel(nn.Module):
         features: Any = None,
     ) -> None:
         super().__init__()
-        if features is not None:
-            features = as_features(features)
-            emb_szs = [(f.cardinality, features.table(f.table).dim) for f in features.categorical]
         if isinstance(emb_szs, Mapping):
             emb_szs = list(emb_szs.values())
-        emb_szs = [(int(n), int(d)) for n, d in emb_szs]
         layers = [int(x) for x in layers]
         if ps is None:
             ps = [0.0] * len(layers)
@@ -83,26 +81,19 @@ class TabularModel(nn.Module):
             raise ValueError(f"ps has {len(ps)} entries but layers has {len(layers)}")
         if n_cont < 0 or out_sz < 1 or any(w < 1 for w in layers):
             raise ValueError(f"need n_cont >= 0, out_sz >= 1, layers >= 1; got {n_cont}, {out_sz}, {layers}")
-        if not emb_szs and n_cont == 0:
+        part = build_embedding(emb_szs, features, sparse=sparse, init=emb_init)
+        if not part.num_slots and n_cont == 0:
             raise ValueError("TabularModel needs at least one categorical or continuous input")
         self.config: dict[str, Any] = {
-            "emb_szs": emb_szs, "n_cont": n_cont, "out_sz": out_sz, "layers": layers, "ps": ps,
+            "emb_szs": part.emb_szs, "n_cont": n_cont, "out_sz": out_sz, "layers": layers, "ps": ps,
             "embed_p": embed_p, "use_bn": use_bn, "bn_final": bn_final, "bn_cont": bn_cont,
-            "y_range": list(y_range) if y_range else None, "sparse": sparse, "emb_init": emb_init,
+            "y_range": list(y_range) if y_range else None, "sparse": sparse, "emb_init": emb_init, **part.config,
         }
-        self.features = None
-        if features is not None:
-            self.config["features"] = features.to_dict()
-            self.features = FeatureEmbedding(features, sparse=sparse)
-            self.embeds = None
-        else:
-            self.embeds = EmbeddingTables(emb_szs, sparse=sparse, init=emb_init) if emb_szs else None
+        self.set_embedding_part(part)
         self.emb_drop = nn.Dropout(embed_p)
         self.bn_cont = nn.BatchNorm1d(n_cont) if (bn_cont and n_cont) else None
-        self.n_emb = self.embeds.out_features if self.embeds is not None else 0
-        if self.features is not None:
-            self.n_emb = self.features.out_features
-        self.n_cat = len(emb_szs) if self.features is None else features_columns(features)
+        self.n_emb = part.out_features
+        self.n_cat = part.num_columns
         self.n_cont = n_cont
         self.y_range = y_range
         sizes = [self.n_emb + n_cont, *layers, out_sz]
@@ -154,40 +145,27 @@ class TabularModel(nn.Module):
     @classmethod
     def from_options(cls, schema: Any, layers: Sequence[int] | None = None,
                      bottom_layers: Sequence[int] | None = None, embedding_dim: int | None = None,
-                     features: Any = None) -> TabularModel:
+                     features: Any = None, dropout: float | None = None) -> TabularModel:
         """``fit.py``'s model flags: ``layers`` the MLP's hidden widths, ``embedding_dim`` the cap of the
-        schema's per-table dims (``bottom_layers`` does not apply); None: the defaults."""
+        schema's per-table dims, ``dropout`` every hidden layer's (fastai's ``ps``; ``bottom_layers`` does
+        not apply); None: the defaults."""
         return cls.from_schema(schema, layers=list(layers or HIDDEN), max_dim=embedding_dim or TABULAR_MAX_DIM,
-                               features=features)
-
-    @property
-    def takes_lists(self) -> bool:
-        """The model reads list features (the trainer then passes ``lists=`` / ``weights=``)."""
-        return self.features is not None and bool(self.features.list_features)
+                               features=features, ps=dropout or None)
 
     def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None, lists: Any = None) -> None:
         """Raise ``ValueError`` if a batch does not fit the model (column counts, id ranges)."""
         n_cont = 0 if continuous is None or continuous.numel() == 0 else continuous.shape[1]
         if n_cont != self.n_cont:
             raise ValueError(f"the data has {n_cont} continuous columns, the model {self.n_cont}")
-        if self.features is not None:
-            self.features.check_input(categorical, lists)
-        elif self.embeds is not None:
-            self.embeds.check_ids(categorical)
-        elif categorical is not None and categorical.numel():
-            raise ValueError(f"the data has {categorical.shape[1]} categorical columns, the model 0")
+        self.embedding_part.check_input(categorical, lists)
 
     def forward(self, categorical: torch.Tensor, continuous: torch.Tensor | None = None, lists: Any = None,
                 weights: Any = None) -> torch.Tensor:
         """Args: categorical [B, F] ids, continuous [B, n_cont], lists ``{name: (values [N], offsets [B + 1])}``
         and weights ``{name: [N]}`` (list features only). Returns: logits [B, out_sz]."""
         xs = []
-        if self.embeds is not None:
-            xs.append(self.emb_drop(self.embeds(categorical)))
-        elif self.features is not None:
-            blocks = self.features(categorical, lists, weights)
-            emb = torch.cat([x.reshape(x.shape[0], -1) for x in blocks], dim=1)
-            xs.append(self.emb_drop(emb))
+        if self.n_emb:
+            xs.append(self.emb_drop(flatten_slots(self.embedding_part(categorical, lists, weights))))
         if self.n_cont:
             if continuous is None or continuous.dim() != 2 or continuous.shape[1] != self.n_cont:
                 got = None if continuous is None else list(continuous.shape)

@@ -194,9 +194,10 @@ def test_sparse_optimizer_updates_only_used_rows_of_a_shared_table():
 def test_models_without_features_are_unchanged():
     m = DLRM([10, 20], 2, 4, [8, 4], [8, 1])
     assert m.features is None and not m.takes_lists and "features" not in m.config
+    assert m.embedding_part is m.sparse_arch
     assert sorted(k for k in m.state_dict() if "embedding" in k) == ["sparse_arch.embedding.weight"]
     t = TabularModel([(10, 4), (20, 3)], 2, 1, [8])
-    assert t.features is None and not t.takes_lists
+    assert t.features is None and not t.takes_lists and t.embedding_part is t.embeds
     assert t.eval()(torch.tensor([[1, 2]]), torch.ones(1, 2)).shape == (1, 1)
 
 
@@ -264,6 +265,18 @@ def test_fit_with_features_file(data, tmp_path, capsys):
     assert main(["--data", str(data), "--features", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --features:") and "\n" not in err
+
+
+def test_every_model_takes_the_feature_part():
+    from ctrflow.models import DCNv2, EmbeddingPart
+
+    for m in (DLRM.from_schema(schema(), embedding_dim=8, dense_arch_layer_sizes=[8], features=SHARED),
+              TabularModel.from_schema(schema(), layers=[8], features=SHARED),
+              DCNv2.from_schema(schema(), deep_layers=[8], features=SHARED)):
+        part = m.embedding_part
+        assert isinstance(part, FeatureEmbedding) and isinstance(part, EmbeddingPart) and part is m.features
+        assert part.num_slots == 3 and part.num_columns == 2 and [f.name for f in part.list_features] == ["hist_items"]
+        assert all(k.startswith("features.groups.") for k in m.state_dict() if "groups" in k)
 
 
 def test_models_rebuild_from_their_json_config():

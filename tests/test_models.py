@@ -9,7 +9,18 @@ import torch
 from torch import nn
 
 from ctrflow.etl.schema import ColumnSchema, Schema
-from ctrflow.models import DLRM, EmbeddingTables, FusedEmbedding, InteractionArch, TabularModel
+from ctrflow.models import (
+    DLRM,
+    EmbeddingPart,
+    EmbeddingTables,
+    FusedEmbedding,
+    InteractionArch,
+    SparseArch,
+    TabularModel,
+    build_embedding,
+)
+from ctrflow.models.embedding_part import flatten_slots, stack_slots
+from ctrflow.models.mlp import mlp
 
 CARDS = [7, 3, 50, 11]
 
@@ -70,8 +81,10 @@ def test_embedding_rejects_bad_ids_and_shapes():
 def test_embedding_tables_mixed_dims():
     emb = EmbeddingTables([(7, 2), (3, 4), (50, 2)])
     cat, _ = _batch(cards=[7, 3, 50])
-    assert emb(cat).shape == (6, 8)
-    assert len(emb.groups) == 2
+    blocks = emb(cat)  # one block per dim, ascending: dim 2 (features 0, 2), dim 4 (feature 1)
+    assert [tuple(b.shape) for b in blocks] == [(6, 2, 2), (6, 1, 4)]
+    assert torch.equal(blocks[0][:, 1], emb.groups[0](cat[:, [0, 2]])[:, 1])
+    assert len(emb.groups) == 2 and emb.out_features == 8 and emb.num_slots == 3 and emb.dims == [2, 4]
 
 
 @pytest.mark.parametrize("out_sz", [1, 2])
@@ -85,6 +98,66 @@ def test_tabular_shapes_and_gradients(out_sz):
     for name, p in m.named_parameters():
         assert p.grad is not None, name
     assert m.embeds.groups[0].weight.grad.is_sparse
+
+
+def test_one_embedding_part_interface():
+    cat, _ = _batch()
+    one = build_embedding([(c, 4) for c in CARDS], one_dim=True, init="uniform")
+    mixed = build_embedding([(c, d) for c, d in zip(CARDS, [2, 4, 2, 3], strict=True)])
+    assert type(one) is SparseArch and type(mixed) is EmbeddingTables
+    for part, dims in ((one, [4]), (mixed, [2, 3, 4])):
+        assert isinstance(part, EmbeddingPart) and part.dims == dims and not part.list_features
+        blocks = part(cat)
+        assert sum(b.shape[1] for b in blocks) == part.num_slots == part.num_columns == 4
+        assert flatten_slots(blocks).shape == (6, part.out_features)
+        part.check_input(cat)
+        with pytest.raises(ValueError, match="categorical feature 2: ids span"):
+            part.check_input(cat + torch.tensor([0, 0, 50, 0], dtype=torch.int32))
+    assert stack_slots(one(cat)).shape == (6, 4, 4) and one.out_features == 16
+    with pytest.raises(ValueError, match=r"dims \[2, 4\]"):
+        build_embedding([(7, 2), (3, 4)], one_dim=True)
+    none = build_embedding([])  # a tabular model of continuous inputs only
+    assert none.num_slots == none.out_features == 0
+    none.check_input(None)
+    with pytest.raises(ValueError, match="2 categorical columns, the model 0"):
+        none.check_input(cat[:, :2])
+    dlrm, tab = DLRM(CARDS, 5, 4, [4], [1]), TabularModel([(7, 2), (3, 4)], 0, 1, [8])
+    assert dlrm.embedding_part is dlrm.sparse_arch and tab.embedding_part is tab.embeds
+    only_cont = TabularModel([], 3, 1, [8])
+    assert only_cont(None, torch.randn(2, 3)).shape == (2, 1) and "embeds.groups.0.weight" not in only_cont.state_dict()
+
+
+def test_mlp_dropout_after_hidden_layers_only():
+    kinds = [type(x).__name__ for x in mlp(4, [8, 8, 2], last_activation=False, dropout=0.1)]
+    assert kinds == ["Linear", "Sequential", "Linear", "Sequential", "Linear"]
+    assert [type(x).__name__ for x in mlp(4, [8, 2], last_activation=True, dropout=0.1)] == [
+        "Linear", "Sequential", "Linear", "ReLU"]  # a bottom MLP's output: no dropout
+    assert [type(x).__name__ for x in mlp(4, [8, 2], dropout=0.1, last_dropout=True)][-1] == "Sequential"
+    assert not any(isinstance(x, nn.Dropout) for x in mlp(4, [8, 8, 2], dropout=0.0).modules())
+    with pytest.raises(ValueError, match="dropout must be in"):
+        mlp(4, [2], dropout=1.5)
+
+
+def test_dlrm_dropout_keeps_checkpoints_and_config():
+    torch.manual_seed(0)
+    plain = DLRM(CARDS, 5, 4, [8, 8, 4], [8, 8, 1])
+    assert "dropout" not in plain.config and not any(isinstance(x, nn.Dropout) for x in plain.modules())
+    drop = DLRM(CARDS, 5, 4, [8, 8, 4], [8, 8, 1], dropout=0.5)
+    assert drop.config["dropout"] == 0.5
+    for arch in (drop.dense_arch, drop.over_arch):  # after the 2 hidden layers, not after the last
+        assert sum(isinstance(x, nn.Dropout) for x in arch.modules()) == 2
+    assert [(k, v.shape) for k, v in drop.state_dict().items()] == [(k, v.shape) for k, v in plain.state_dict().items()]
+    drop.load_state_dict(plain.state_dict())
+    cat, cont = _batch()
+    torch.testing.assert_close(drop.eval()(cat, cont), plain.eval()(cat, cont))  # eval: dropout off
+    drop.train()
+    assert not torch.equal(drop(cat, cont), drop(cat, cont))
+    assert DLRM(**drop.config).config == drop.config
+    schema = _schema()
+    assert DLRM.from_options(schema, dropout=0.3).config["dropout"] == 0.3
+    assert "dropout" not in DLRM.from_options(schema).config
+    assert TabularModel.from_options(schema, layers=[8, 4], dropout=0.2).config["ps"] == [0.2, 0.2]
+    assert TabularModel.from_options(schema, layers=[8, 4]).config["ps"] == [0.0, 0.0]
 
 
 def test_tabular_is_fastai_architecture():
@@ -166,7 +239,10 @@ def test_from_schema_sizes_and_cap(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_models_on_gpu_with_bf16_autocast():
     cat, cont = _batch()
-    for m in (DLRM(CARDS, 5, 4, [8, 4], [8, 1]), TabularModel([(c, 3) for c in CARDS], 5, 1, [8])):
+    from ctrflow.models import DCNv2
+
+    for m in (DLRM(CARDS, 5, 4, [8, 4], [8, 1], dropout=0.1), TabularModel([(c, 3) for c in CARDS], 5, 1, [8]),
+              DCNv2([(c, 3) for c in CARDS], 5, deep_layers=[8]), DCNv2([(c, 3) for c in CARDS], 5, rank=2)):
         m = m.cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = m(cat.cuda(), cont.cuda())
