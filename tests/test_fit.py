@@ -362,3 +362,11 @@ def test_regularisation_flags_reach_the_optimizers(data, tmp_path):
     state = torch.load(out / "checkpoints" / "ckpt-00000002.pt", weights_only=True)
     dense, tables = (o["param_groups"][0] for o in state["optimizers"])
     assert dense["weight_decay"] == 0.01 and tables["l2"] == 0.001 and tables["clip"] == 0.0
+
+
+def test_dropout_flag_reaches_the_model(data, tmp_path):
+    out = tmp_path / "run"
+    assert main(["--data", str(data), "--out", str(out), "--max-steps", "2", "--dropout", "0.2", "--no-loader-bench",
+                 *FAST]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["dropout"] == 0.2

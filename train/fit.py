@@ -72,7 +72,7 @@ def build_model(a: argparse.Namespace, schema: Any, features: Any = None):
     from ctrflow.models.protocol import MODELS
 
     return MODELS[a.model].from_options(schema, layers=a.layers, bottom_layers=a.bottom_layers,
-                                        embedding_dim=a.embedding_dim, features=features)
+                                        embedding_dim=a.embedding_dim, features=features, dropout=a.dropout)
 
 def _feature_config(a: argparse.Namespace):
     """``--features FILE`` loaded (None without it); :class:`UsageError` when the file is bad."""

@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 description="Train a CTR model on a processed dataset and report validation AUC / logloss (or RMSE).")
     p.add_argument("--data", default="data/processed", help="processed dataset dir (etl/run.py's --output)")
     p.add_argument("--model", choices=tuple(MODELS), default="dlrm",
-                   help="dlrm (torchrec's DLRM) or tabular (fastai's TabularModel)")
+                   help="dlrm (torchrec's DLRM), tabular (fastai's TabularModel) or dcn (DCN-v2, stacked cross "
+                        "layers then the deep MLP)")
     p.add_argument("--batch-size", type=int, default=D["batch_size"], help="training rows per batch")
     p.add_argument("--valid-batch-size", type=int, default=D["valid_batch_size"], help="rows per validation batch")
     p.add_argument("--epochs", type=int, default=D["epochs"], help="passes over the training split")
@@ -80,9 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="batches per optimizer step")
     p.add_argument("--embedding-dim", type=int, default=None,
                    help=f"DLRM: every table's dim (default {DLRM_EMBEDDING_DIM}); tabular: cap of the schema's dims "
-                        f"(default {TABULAR_MAX_DIM}; the seed notebook used 16)")
+                        f"(default {TABULAR_MAX_DIM}; the seed notebook used 16); dcn: as tabular")
     p.add_argument("--layers", type=_ints, default=list(HIDDEN),
-                   help="hidden widths: tabular MLP; DLRM top MLP (before its output)")
+                   help="hidden widths: tabular MLP; DLRM top MLP (before its output); dcn deep MLP")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout after the MLPs' hidden layers (default: none for dlrm and dcn, fastai's ps for "
+                        "tabular)")
     p.add_argument("--bottom-layers", type=_ints, default=list(HIDDEN),
                    help="DLRM bottom MLP (before its projection to --embedding-dim)")
     p.add_argument("--task", choices=("binary", "regression"), default=None,
@@ -140,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not lo < hi:
             p.error(f"--y-range needs LO < HI, got {a.y_range}")
         a.y_range = (lo, hi)
+    if a.dropout is not None and not 0 <= a.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {a.dropout}")
     if a.weight_decay < 0 or a.embedding_l2 is not None and a.embedding_l2 < 0:
         p.error("--weight-decay and --embedding-l2 must be >= 0")
     if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:
