@@ -1,5 +1,8 @@
 """``FeatureEmbedding``: categorical and list features over (possibly shared) tables.
 
+The ``nn.Module`` built from the options that :mod:`ctrflow.models.features` describes (that module
+holds no tensors; this one holds the tables and does the lookups).
+
 Tables of one dim live in one :class:`~ctrflow.models.embedding.FusedEmbedding` (so the row-sparse
 optimizers, ``sparse_embedding_modules`` and everything that walks fused tables keep working); a
 feature is a row range of one of them. Features that share a table use the **same** row range, so

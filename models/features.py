@@ -1,5 +1,9 @@
 """Per-feature embedding options (RecIS's ``EmbeddingOption``) and the config that sets them.
 
+This module is the *description* (which table each feature uses, its dim, combiner, initialiser),
+plain data read from TOML / JSON and stored in checkpoints; :mod:`ctrflow.models.feature_embedding`
+is the *module* built from it (the tables and the lookups).
+
 Example (Python)::
 
     cfg = FeatureConfig({

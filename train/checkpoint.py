@@ -1,4 +1,6 @@
-"""Atomic, keep-last-N training checkpoints.
+"""Atomic, keep-last-N training checkpoints: the files (writing, listing, loading, checking that one
+fits a model). *What* goes into a checkpoint and how a run resumes from one is the trainer's side,
+:mod:`ctrflow.train.resumable`.
 
 A checkpoint is one ``torch.save`` dict (``ckpt-00001234.pt``) holding the model and optimizer
 states, the step / epoch / batch-in-epoch counters, every RNG state and the run's JSON config. It is
