@@ -124,3 +124,10 @@ def test_a_large_batch_run_on_small_data_stays_finite(tmp_path, capsys):
     assert "batch scaling: 4,096 rows per step = 8.0x batch 512" in out.err
     auc = float(out.out.split("validation AUC ")[1].split()[0])
     assert math.isfinite(auc) and auc > 0.5
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"grad_accum": 0}, {"batch_size": 0}, {"patience": 0},
+                                 {"max_steps": 0}, {"stop_after": 0}, {"select": "f1"}, {"task": "multiclass"}])
+def test_train_config_refuses_nonsense(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)

@@ -107,6 +107,16 @@ class TrainConfig:
         for name in (self.optimizer, self.embedding_optimizer or self.optimizer):
             if name not in OPTIMIZERS:
                 raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        counts = (self.batch_size, self.epochs, self.grad_accum, self.log_every, self.keep_checkpoints)
+        if min(counts) < 1:
+            raise ValueError(f"batch_size, epochs, grad_accum, log_every and keep_checkpoints must be >= 1, got {counts}")
+        if self.select != "none" and self.select != "auto" and self.select not in HIGHER_IS_BETTER:
+            raise ValueError(f"select must be auto, none or one of {', '.join(HIGHER_IS_BETTER)}, got {self.select!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        for name in ("max_steps", "stop_after"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         rule = batch_scaling(self.rows_per_step if self.batch_scaling else 1)
         if self.lr is None:
             self.lr = LR[self.optimizer] * rule.lr_factor
@@ -123,15 +133,6 @@ class TrainConfig:
     def rows_per_step(self) -> int:
         """Rows behind one optimizer step: the batch, accumulated, over all ranks."""
         return self.batch_size * self.grad_accum * max(1, self.world_size)
-        if self.epochs < 1 or self.grad_accum < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("epochs, grad_accum, log_every and keep_checkpoints must be >= 1")
-        if self.select != "none" and self.select != "auto" and self.select not in HIGHER_IS_BETTER:
-            raise ValueError(f"select must be auto, none or one of {', '.join(HIGHER_IS_BETTER)}, got {self.select!r}")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
-        for name in ("max_steps", "stop_after"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def resolve_device(name: str) -> torch.device:
