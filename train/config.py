@@ -109,7 +109,7 @@ class TrainConfig:
                 raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
         counts = (self.batch_size, self.epochs, self.grad_accum, self.log_every, self.keep_checkpoints)
         if min(counts) < 1:
-            raise ValueError(f"batch_size, epochs, grad_accum, log_every and keep_checkpoints must be >= 1, got {counts}")
+            raise ValueError(f"batch_size, epochs, grad_accum, log_every, keep_checkpoints must be >= 1: {counts}")
         if self.select != "none" and self.select != "auto" and self.select not in HIGHER_IS_BETTER:
             raise ValueError(f"select must be auto, none or one of {', '.join(HIGHER_IS_BETTER)}, got {self.select!r}")
         if self.patience is not None and self.patience < 1:
