@@ -24,6 +24,27 @@ def temp_path(path: str, kind: str = "tmp") -> str:
     return os.path.join(parent, f".{base}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written (its nearest existing ancestor takes no new file), or None.
+
+    Probes by creating and removing a temporary file there, which also catches read-only mounts and
+    pseudo file systems that ``os.access`` reports writable (``/proc`` as root).
+    """
+    import tempfile
+
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        return f"{parent} is not writable ({e.strerror or e})"
+    return None
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -46,6 +46,15 @@ def dask_context(args: argparse.Namespace, backend: Any) -> Iterator[Any]:
             close_client(client, cluster)
 
 
+def check_writable(path: str, flag: str) -> None:
+    """Raise ``UsageError`` (one line) unless ``path`` can be created: before any work, not after it."""
+    from ctrflow.etl.atomic import unwritable
+
+    why = unwritable(path)
+    if why:
+        raise UsageError(f"{flag} {path}: {why}; choose a location you can write to")
+
+
 def guess_format(paths: list[str]) -> str:
     """``--format`` from the first input's name: parquet (files or a directory), csv, else criteo."""
     first = paths[0]

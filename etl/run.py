@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # `python etl/run.py`: drop etl/ from the path so
 
 from ctrflow.etl.cli_steps import (  # noqa: E402 - after the path fix above
     UsageError,
+    check_writable,
     dask_context,
     fits_in_memory,
     parse_memory,
@@ -273,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     output = os.path.abspath(args.output)
     if os.path.exists(output) and not args.overwrite:
         raise UsageError(f"output {args.output} already exists: pass --overwrite to replace it")
+    check_writable(output, "--output")  # before any work, not after the whole fit
     with dask_context(args, backend), progress(args, backend):
         train, valid, meta = prepare_input(args)
         from ctrflow.etl.update import input_fingerprint

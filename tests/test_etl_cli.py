@@ -423,3 +423,12 @@ def test_memory_limit_decides_between_caching_and_streaming(tmp_path, raw_parque
 
 def test_bad_memory_limit(tmp_path, raw_parquet, capsys):
     _bad(tmp_path, ["--input", str(raw_parquet[0]), *ARGS, "--memory-limit", "lots"], capsys, "--memory-limit")
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["--synthetic-rows", "1000", "--output", str(blocker / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is a file, not a directory" in err[-1] and not any("Traceback" in x for x in err)
+    assert not any("synthetic data" in x for x in err)  # refused before any work

@@ -72,7 +72,8 @@ def build_model(a: argparse.Namespace, schema: Any, features: Any = None):
     from ctrflow.models.protocol import MODELS
 
     return MODELS[a.model].from_options(schema, layers=a.layers, bottom_layers=a.bottom_layers,
-                                        embedding_dim=a.embedding_dim, features=features, dropout=a.dropout)
+                                        embedding_dim=a.embedding_dim, features=features, dropout=a.dropout,
+                                        numeric_embedding=getattr(a, "numeric_embedding", None))
 
 def _feature_config(a: argparse.Namespace):
     """``--features FILE`` loaded (None without it); :class:`UsageError` when the file is bad."""
@@ -113,11 +114,11 @@ def _check_run_dir(a: argparse.Namespace, out: str) -> None:
     from ctrflow.train.checkpoint import CheckpointError, latest_checkpoint
 
     ckpts = os.path.join(out, "checkpoints")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):  # the nearest existing ancestor is where the run dir gets created
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {parent} is not a writable directory; pass a --out you can write to")
+    from ctrflow.etl.atomic import unwritable
+
+    why = unwritable(out)
+    if why:
+        raise UsageError(f"--out {out}: {why}; pass a --out you can write to")
     if a.resume:
         ck = a.resume if isinstance(a.resume, str) and os.path.isfile(a.resume) else None
         if ck is None and latest_checkpoint(ckpts) is None:
