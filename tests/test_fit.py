@@ -132,12 +132,13 @@ def test_schema_that_does_not_fit_the_model(tmp_path, capsys):
     assert "does not fit --model dlrm" in _error(capsys, ["--data", str(d), *FAST])
 
 
-def test_nan_loss_exit_2_names_step_and_checkpoint(tmp_path, capsys):
+def test_a_non_finite_value_is_named_before_the_first_step(tmp_path, capsys):
+    # One NaN in I1 used to surface as "loss is nan at step N" naming no column (the trainer's own NaN
+    # check, naming the step and the last good checkpoint, is tests/test_train.py's).
     d = _write(tmp_path / "nan", rows=(1536, 256), nan_from=1000)
     line = _error(capsys, ["--data", str(d), "--out", str(tmp_path / "r"), "--checkpoint-every", "1", *FAST])
-    step = int(line.split("at step ")[1].split()[0])
-    ckpt = tmp_path / "r" / "checkpoints" / f"ckpt-{step - 1:08d}.pt"
-    assert 1 < step <= 12 and line.endswith(f"last good checkpoint: {ckpt}")
+    assert "non-finite values" in line and "I1 (train): 1" in line
+    assert not (tmp_path / "r").exists()
 
 
 def test_resume_from_an_incompatible_checkpoint(data, tmp_path, capsys):

@@ -155,6 +155,40 @@ def _say_scaling(cfg: Any) -> None:
               "(--no-batch-scaling: off)", file=sys.stderr, flush=True)
 
 
+def _check_finite(data: str, schema: Any) -> None:
+    """Name the continuous / label columns holding NaN or inf (column, count, split) before the first step:
+    one such value otherwise surfaces as "loss is nan at step N" with no column named."""
+    import glob
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    bad: dict[str, int] = {}
+    for split in ("train", "valid"):
+        for f in sorted(glob.glob(os.path.join(data, split, "*.parquet"))):
+            pf = pq.ParquetFile(f)
+            names = [c for c in (*schema.continuous, *schema.label) if c in pf.schema_arrow.names]
+            table = pf.read(columns=names)
+            for name in names:
+                col = table.column(name)
+                if not pa_is_float(col.type):
+                    continue
+                n = len(col) - pc.sum(pc.is_finite(col)).as_py() - col.null_count
+                if n:
+                    bad[f"{name} ({split})"] = bad.get(f"{name} ({split})", 0) + int(n)
+    if bad:
+        shown = ", ".join(f"{k}: {v:,}" for k, v in bad.items())
+        raise UsageError(f"--data {data} holds non-finite values (NaN or inf) that training would turn into a NaN "
+                         f"loss: {shown}; fix the input and rerun etl/run.py (which treats inf as missing)")
+
+
+def pa_is_float(t: Any) -> bool:
+    """An arrow floating-point type (only those can hold NaN / inf)."""
+    import pyarrow as pa
+
+    return pa.types.is_floating(t)
+
+
 def _target(a: argparse.Namespace, schema: Any) -> dict[str, Any]:
     """The regression target transform from the training labels (``ctrflow.train.target``)."""
     import glob
@@ -206,6 +240,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     schema = _check_dataset(a.data)
+    _check_finite(a.data, schema)
     a.task = _task(a.task, schema, a.data)
     if a.sharded_embeddings:
         ddp.check_sharded_embeddings()
