@@ -171,7 +171,7 @@ def _check_finite(data: str, schema: Any) -> None:
             table = pf.read(columns=names)
             for name in names:
                 col = table.column(name)
-                if not pa_is_float(col.type):
+                if not _is_float(col.type):
                     continue
                 n = len(col) - pc.sum(pc.is_finite(col)).as_py() - col.null_count
                 if n:
@@ -182,7 +182,7 @@ def _check_finite(data: str, schema: Any) -> None:
                          f"loss: {shown}; fix the input and rerun etl/run.py (which treats inf as missing)")
 
 
-def pa_is_float(t: Any) -> bool:
+def _is_float(t: Any) -> bool:
     """An arrow floating-point type (only those can hold NaN / inf)."""
     import pyarrow as pa
 
