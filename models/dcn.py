@@ -17,7 +17,11 @@ a fresh cross layer starts as ``x0 * (W x) + x``. Embeddings are the other model
 (sparse gradients, row-sparse optimizers): per-feature dims from the schema (capped, as
 ``TabularModel``) or one dim for all, or per-feature options (``features=``).
 
-Shapes: B = rows, F = categorical features, d = x0's width (sum of embedding dims + n_cont), r = rank.
+With a numeric embedding (``numeric=``, :mod:`ctrflow.models.numeric`) the continuous part of x0 is
+``numeric(continuous).flatten(1)`` [B, n_cont * d_num] instead of the raw columns.
+
+Shapes: B = rows, F = categorical features, d = x0's width (sum of embedding dims + n_cont, or + n_cont * d_num
+with a numeric embedding), r = rank.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctrflow.models.defaults import DCN_CROSS_LAYERS, HIDDEN, TABULAR_MAX_DIM
+from ctrflow.models.defaults import DCN_CROSS_LAYERS, HIDDEN, NUMERIC_DIM, TABULAR_MAX_DIM
 from ctrflow.models.embedding_part import HasEmbeddingPart, build_embedding, flatten_slots
 from ctrflow.models.features import as_features
 from ctrflow.models.mlp import mlp
+from ctrflow.models.numeric import build_numeric, numeric_config
 from ctrflow.models.sizes import as_schema, embedding_sizes
 
 STRUCTURES = ("stacked", "parallel")
@@ -111,6 +116,9 @@ class DCNv2(HasEmbeddingPart):
         init: embedding init, ``"uniform"`` (torchrec's) or ``"normal"`` (truncated, std 0.01).
         features: per-feature embedding options (resolved :class:`~ctrflow.models.features.Features`
             or their dict) instead of ``emb_szs``: shared tables, list features pooled into x0.
+        numeric: a numeric embedding's ``config`` (:func:`~ctrflow.models.numeric.numeric_config`): x0's
+            continuous part is its output flattened, [B, n_cont * d_num] (held as ``numeric``). None
+            (default): the raw columns, as before.
 
     The embedding part is held as ``embeds`` (plain tables) or ``features``: :attr:`embedding_part`.
     """
@@ -127,6 +135,7 @@ class DCNv2(HasEmbeddingPart):
         sparse: bool = True,
         init: str = "uniform",
         features: Any = None,
+        numeric: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(emb_szs, Mapping):
@@ -142,18 +151,21 @@ class DCNv2(HasEmbeddingPart):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         part = build_embedding(emb_szs, features, sparse=sparse, init=init)
-        d = part.out_features + int(n_cont)
+        num = build_numeric(numeric, int(n_cont))  # [B, n_cont] -> [B, n_cont, d_num], or None
+        d = part.out_features + int(n_cont) * (num.out_features if num is not None else 1)
         if d == 0:
             raise ValueError("DCNv2 needs at least one categorical, list or continuous input")
         self.config: dict[str, Any] = {
             "emb_szs": part.emb_szs, "n_cont": int(n_cont), "cross_layers": int(cross_layers),
             "rank": None if rank is None else int(rank), "deep_layers": deep, "structure": structure,
             "dropout": float(dropout), "sparse": sparse, "init": init, **part.config,
+            **({"numeric": num.config} if num is not None else {}),  # the same dict: see PLE._load_from_state_dict
         }
         self.n_cat = part.num_columns
         self.n_cont = int(n_cont)
         self.n_emb = part.out_features
         self.set_embedding_part(part)
+        self.numeric = num
         self.cross_net = CrossNet(d, cross_layers, rank)
         self.deep_net = mlp(d, deep, last_activation=True, dropout=dropout, last_dropout=True)  # output follows
         width = (deep[-1] if deep else d) + (d if structure == "parallel" else 0)
@@ -161,8 +173,8 @@ class DCNv2(HasEmbeddingPart):
 
     @property
     def in_features(self) -> int:
-        """d: x0's width (embeddings, then continuous inputs)."""
-        return self.n_emb + self.n_cont
+        """d: x0's width (embeddings, then continuous inputs: n_cont, or n_cont * d_num embedded)."""
+        return self.n_emb + self.n_cont * (self.numeric.out_features if self.numeric is not None else 1)
 
     @classmethod
     def from_schema(
@@ -170,6 +182,8 @@ class DCNv2(HasEmbeddingPart):
         schema: Any,
         max_dim: int | None = TABULAR_MAX_DIM,
         embedding_dim: int | None = None,
+        numeric_embedding: str | None = None,
+        numeric_dim: int | None = None,
         **kwargs: Any,
     ) -> DCNv2:
         """Build from a processed dataset's schema (a :class:`Schema`, its path, or the dataset dir).
@@ -179,6 +193,10 @@ class DCNv2(HasEmbeddingPart):
             max_dim: cap of the stored per-feature dims (default
                 :data:`~ctrflow.models.defaults.TABULAR_MAX_DIM`); None keeps them.
             embedding_dim: one dim for every table instead of the stored ones.
+            numeric_embedding: ``"ple"`` (edges: the schema's quantiles; ``ValueError`` without them) or
+                ``"periodic"``: the continuous columns enter x0 as their numeric embedding
+                (:mod:`ctrflow.models.numeric`); None: raw.
+            numeric_dim: its d per column (default :data:`~ctrflow.models.defaults.NUMERIC_DIM` of the kind).
             **kwargs: any other ``DCNv2`` argument; ``features=`` a
                 :class:`~ctrflow.models.features.FeatureConfig` (or its dict / file path).
         """
@@ -189,18 +207,24 @@ class DCNv2(HasEmbeddingPart):
             kwargs["features"] = as_features(kwargs["features"], as_schema(schema), dim=embedding_dim,
                                              max_dim=max_dim, init=init)
         emb = embedding_sizes(schema, max_dim=max_dim, dim=embedding_dim)
+        if numeric_embedding is not None:
+            kwargs["numeric"] = numeric_config(numeric_embedding, schema,
+                                               numeric_dim or NUMERIC_DIM.get(numeric_embedding, 0))
         return cls(emb, len(as_schema(schema).continuous), **kwargs)
 
     @classmethod
     def from_options(cls, schema: Any, layers: Sequence[int] | None = None,
                      bottom_layers: Sequence[int] | None = None, embedding_dim: int | None = None,
-                     features: Any = None, dropout: float | None = None) -> DCNv2:
+                     features: Any = None, dropout: float | None = None,
+                     numeric_embedding: str | None = None) -> DCNv2:
         """``fit.py``'s model flags: ``layers`` the deep MLP's widths (after the cross net), ``embedding_dim``
         the cap of the schema's per-table dims (as ``tabular``), ``dropout`` after every deep layer;
-        ``bottom_layers`` does not apply (DCN-v2 has no bottom MLP); None: the defaults (3 full-rank cross
-        layers, stacked)."""
+        ``numeric_embedding`` (``"ple"`` | ``"periodic"``) the continuous columns' embedding (d:
+        :data:`~ctrflow.models.defaults.NUMERIC_DIM`); ``bottom_layers`` does not apply (DCN-v2 has no bottom
+        MLP); None: the defaults (3 full-rank cross layers, stacked, raw continuous columns)."""
         return cls.from_schema(schema, max_dim=embedding_dim or TABULAR_MAX_DIM, features=features,
-                               deep_layers=list(layers or HIDDEN), dropout=dropout or 0.0)
+                               deep_layers=list(layers or HIDDEN), dropout=dropout or 0.0,
+                               numeric_embedding=numeric_embedding)
 
     def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None, lists: Any = None) -> None:
         """Raise ``ValueError`` if a batch does not fit the model (column counts, id ranges)."""
@@ -220,7 +244,8 @@ class DCNv2(HasEmbeddingPart):
             if continuous is None or continuous.dim() != 2 or continuous.shape[1] != self.n_cont:
                 got = None if continuous is None else list(continuous.shape)
                 raise ValueError(f"expected continuous inputs of shape [B, {self.n_cont}], got {got}")
-            xs.append(continuous.float())
+            x_cont = continuous.float()
+            xs.append(self.numeric(x_cont).flatten(1).float() if self.numeric is not None else x_cont)
         x0 = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)  # [B, d]
         crossed = self.cross_net(x0)
         if self.config["structure"] == "parallel":

@@ -3,7 +3,8 @@
 ``HIDDEN`` is the widths of every MLP (fastai's TabularModel, DLRM's bottom and top archs, DCN-v2's
 deep network), the seed notebook's ``layers=[512, 256]``; DLRM's interaction needs one embedding dim
 for every table; TabularModel and DCN-v2 keep the schema's per-table dims, capped (the seed notebook
-capped them at 16; 64 trained better on the embedded data: bench/RESULTS.md, "Training").
+capped them at 16; 64 trained better on the embedded data: bench/RESULTS.md, "Training"). ``NUMERIC_DIM`` is
+the width per continuous column of a numeric embedding in TabularModel and DCN-v2.
 """
 
 from __future__ import annotations
@@ -12,3 +13,6 @@ HIDDEN: tuple[int, ...] = (512, 256)
 DLRM_EMBEDDING_DIM = 16
 TABULAR_MAX_DIM = 64
 DCN_CROSS_LAYERS = 3  # DCN-v2's cross layers
+# d per column of a numeric embedding (ctrflow.models.numeric, fit.py --numeric-embedding) in TabularModel and DCN-v2
+# (DLRM's is its embedding dim); periodic: PeriodicEncoding's default (rtdl_num_embeddings').
+NUMERIC_DIM: dict[str, int] = {"ple": 16, "periodic": 24}

@@ -9,6 +9,9 @@
 
 With per-feature options (``features=``) the embedding part is a
 :class:`~ctrflow.models.feature_embedding.FeatureEmbedding` and F counts its slots (list features too).
+With a numeric embedding (``numeric=``, :mod:`ctrflow.models.numeric`) each continuous column is one more
+sparse slot: sparse = [ids' embeddings, numeric(continuous) [B, n_cont, D]], F + n_cont slots in the
+interaction; the dense arch still reads the raw continuous columns.
 
 Same layout and initialisation as torchrec's ``torchrec/models/dlrm.py`` (embedding rows
 ``U(-1/sqrt(card), 1/sqrt(card))``), so the benchmark compares like with like; the difference is the
@@ -30,6 +33,7 @@ from ctrflow.models.embedding import SparseArch
 from ctrflow.models.embedding_part import HasEmbeddingPart, build_embedding, stack_slots
 from ctrflow.models.features import as_features
 from ctrflow.models.mlp import mlp
+from ctrflow.models.numeric import build_numeric, numeric_config
 from ctrflow.models.sizes import as_schema, embedding_sizes
 
 __all__ = ["DLRM", "DenseArch", "InteractionArch", "OverArch", "SparseArch", "mlp"]
@@ -108,6 +112,9 @@ class DLRM(HasEmbeddingPart):
             must be ``embedding_dim``; ``cardinalities`` is then ignored. Without it: as before.
         dropout: dropout after every hidden layer of the bottom and top MLPs (not after the bottom's
             output, the dense vector of the interaction); 0 (default): none, and no Dropout modules.
+        numeric: a numeric embedding's ``config`` (:func:`~ctrflow.models.numeric.numeric_config`, of dim
+            ``embedding_dim``): each continuous column also becomes one more sparse slot of the interaction
+            (held as ``numeric``). None (default): as before.
 
     The embedding part (:func:`~ctrflow.models.embedding_part.build_embedding`) is held as
     ``sparse_arch`` (plain tables) or ``features`` (per-feature options): :attr:`embedding_part`.
@@ -124,6 +131,7 @@ class DLRM(HasEmbeddingPart):
         init: str = "uniform",
         features: Any = None,
         dropout: float = 0.0,
+        numeric: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         dense_sizes = [int(x) for x in dense_arch_layer_sizes]
@@ -153,8 +161,12 @@ class DLRM(HasEmbeddingPart):
         self.n_cont = int(n_cont)
         self.set_embedding_part(part)
         self.dense_arch = DenseArch(n_cont, dense_sizes, dropout)
-        self.inter_arch = InteractionArch(part.num_slots)
+        self.inter_arch = InteractionArch(part.num_slots + (self.n_cont if numeric is not None else 0))
         self.over_arch = OverArch(embedding_dim + self.inter_arch.out_features_extra, over_sizes, dropout)
+        # Made last: the tables and the dense arch draw the same initial weights as without it.
+        self.numeric = build_numeric(numeric, self.n_cont, dim=int(embedding_dim))  # [B, n_cont] -> [B, n_cont, D]
+        if self.numeric is not None:
+            self.config["numeric"] = self.numeric.config  # the same dict: see PLE._load_from_state_dict
 
     @classmethod
     def from_schema(
@@ -163,6 +175,8 @@ class DLRM(HasEmbeddingPart):
         embedding_dim: int = DLRM_EMBEDDING_DIM,
         dense_arch_layer_sizes: Sequence[int] | None = None,
         over_arch_layer_sizes: Sequence[int] = (*HIDDEN, 1),
+        numeric_embedding: str | None = None,
+        numeric_dim: int | None = None,
         **kwargs: Any,
     ) -> DLRM:
         """Build from a processed dataset's schema (a :class:`Schema`, its path, or the dataset dir).
@@ -172,6 +186,9 @@ class DLRM(HasEmbeddingPart):
         (:mod:`ctrflow.models.defaults`).
         ``features=`` a :class:`~ctrflow.models.features.FeatureConfig` (or its dict / file path) sets
         per-feature options (shared tables, list features); see :mod:`ctrflow.models.features`.
+        ``numeric_embedding="ple"`` (edges: the schema's quantiles; ``ValueError`` without them) or
+        ``"periodic"`` embeds each continuous column as one more sparse slot (``numeric_dim``: must be
+        ``embedding_dim``, the default); see :mod:`ctrflow.models.numeric`.
         """
         if isinstance(schema, (str, os.PathLike)):
             schema = as_schema(schema)
@@ -181,19 +198,26 @@ class DLRM(HasEmbeddingPart):
         sizes = embedding_sizes(schema, dim=embedding_dim)
         n_cont = len(as_schema(schema).continuous)
         dense = list(dense_arch_layer_sizes) if dense_arch_layer_sizes else [*HIDDEN, embedding_dim]
+        if numeric_dim is not None and numeric_dim != embedding_dim:
+            raise ValueError(f"DLRM's numeric embedding is one more sparse slot per column: numeric_dim must be "
+                             f"embedding_dim={embedding_dim}, got {numeric_dim}")
+        if numeric_embedding is not None:
+            kwargs["numeric"] = numeric_config(numeric_embedding, schema, embedding_dim)
         return cls([c for c, _ in sizes], n_cont, embedding_dim, dense, over_arch_layer_sizes, **kwargs)
 
     @classmethod
     def from_options(cls, schema: Any, layers: Sequence[int] | None = None,
                      bottom_layers: Sequence[int] | None = None, embedding_dim: int | None = None,
-                     features: Any = None, dropout: float | None = None) -> DLRM:
+                     features: Any = None, dropout: float | None = None,
+                     numeric_embedding: str | None = None) -> DLRM:
         """``fit.py``'s model flags: ``layers`` the top MLP's hidden widths, ``bottom_layers`` the bottom
         MLP's before its projection to ``embedding_dim`` (every table's dim), ``dropout`` after the hidden
-        layers of both; None: the defaults."""
+        layers of both, ``numeric_embedding`` (``"ple"`` | ``"periodic"``) each continuous column as one more
+        sparse slot of dim ``embedding_dim``; None: the defaults (no numeric embedding)."""
         d = embedding_dim or DLRM_EMBEDDING_DIM
         return cls.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*(bottom_layers or HIDDEN), d],
                                over_arch_layer_sizes=[*(layers or HIDDEN), 1], features=features,
-                               dropout=dropout or 0.0)
+                               dropout=dropout or 0.0, numeric_embedding=numeric_embedding)
 
     def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None, lists: Any = None) -> None:
         """Raise ``ValueError`` if a batch does not fit the model (column counts, id ranges)."""
@@ -209,5 +233,7 @@ class DLRM(HasEmbeddingPart):
         if continuous.dim() != 2 or continuous.shape[1] != self.n_cont:
             raise ValueError(f"expected continuous inputs of shape [B, {self.n_cont}], got {list(continuous.shape)}")
         dense = self.dense_arch(continuous.float())
-        sparse = stack_slots(self.embedding_part(categorical, lists, weights))  # [B, S, D]
-        return self.over_arch(self.inter_arch(dense, sparse.to(dense.dtype)))
+        sparse = stack_slots(self.embedding_part(categorical, lists, weights)).to(dense.dtype)  # [B, S, D]
+        if self.numeric is not None:  # one more slot per continuous column: [B, S + n_cont, D]
+            sparse = torch.cat((sparse, self.numeric(continuous).to(dense.dtype)), dim=1)
+        return self.over_arch(self.inter_arch(dense, sparse))

@@ -173,5 +173,6 @@ def continue_state(state: dict[str, Any], model: nn.Module, optimizers: list[tor
     old_data = (((state.get("config") or {}).get("train") or {}).get("extra") or {}).get("data")
     if grown is state and (data is None or old_data is None or old_data == data):
         return state
-    return {**grown, "segment_start": int(state["step"]), "epoch": 0, "batch_in_epoch": 0,
+    # A new segment is judged on its own validation data: the best-checkpoint tracker starts afresh.
+    return {**grown, "segment_start": int(state["step"]), "epoch": 0, "batch_in_epoch": 0, "best": None,
             "continued_from": {"data": old_data, "step": int(state["step"])}}

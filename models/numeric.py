@@ -10,7 +10,9 @@ Two encoders, each followed by a per-column linear layer and ReLU, both mapping 
 * :class:`PeriodicEncoding` ("PLR"): ``concat(sin(2 pi c x), cos(2 pi c x))`` with trainable
   frequencies ``c ~ N(0, sigma)``.
 
-:func:`numeric_embedding` picks one by name (``"ple"`` | ``"periodic"`` | None).
+:func:`numeric_embedding` picks one by name (``"ple"`` | ``"periodic"`` | None). The models take one as
+``numeric=`` its ``config`` (:func:`numeric_config`; ``from_schema(..., numeric_embedding="ple")``), so a
+checkpoint's model config rebuilds it, edges included (:func:`build_numeric`).
 
 Example:
     >>> emb = numeric_embedding("ple", "data/processed", dim=16)   # or PiecewiseLinearEncoding.from_schema(...)
@@ -123,25 +125,11 @@ class PiecewiseLinearEncoding(nn.Module):
         if dim is not None and dim < 0:
             raise ValueError(f"dim must be positive (or None for the raw encoding), got {dim}")
         n, k = len(cleaned), max(e.size - 1 for e in cleaned)
-        lower = np.zeros((n, k), np.float32)
-        width = np.ones((n, k), np.float32)
-        lo = np.zeros((n, k), np.float32)  # clamp bounds per bin: first bin open below, last bin open above
-        hi = np.zeros((n, k), np.float32)  # padding bins: clamp to [0, 0]
-        for j, e in enumerate(cleaned):
-            t = e.size - 1
-            lower[j, :t] = e[:-1]
-            width[j, :t] = np.diff(e)
-            hi[j, :t] = 1.0
-            lo[j, 0] = -np.inf
-            hi[j, t - 1] = np.inf
         self.n_cont, self.n_bins = n, k
         self.config: dict[str, Any] = {"kind": "ple", "edges": [e.tolist() for e in cleaned],
                                        "dim": int(dim) if dim else None, "activation": bool(activation)}
-        self.register_buffer("edges", torch.from_numpy(_padded(cleaned)))  # [n, K + 1], NaN-padded: for reading
-        self.register_buffer("lower", torch.from_numpy(lower))
-        self.register_buffer("width", torch.from_numpy(width))
-        self.register_buffer("lo", torch.from_numpy(lo))
-        self.register_buffer("hi", torch.from_numpy(hi))
+        for name, table in _bin_tables(cleaned).items():  # edges [n, K + 1] (NaN-padded: for reading); the
+            self.register_buffer(name, torch.from_numpy(table))  # rest [n, K]
         self.linear = ColumnLinear(n, k, int(dim)) if dim else None
         self.activation = nn.ReLU() if (dim and activation) else None
         self.out_features = int(dim) if dim else k
@@ -155,6 +143,28 @@ class PiecewiseLinearEncoding(nn.Module):
             ValueError: the dataset has no quantiles (written before numeric embeddings existed).
         """
         return cls(schema_edges(schema), dim, activation)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """Take the checkpoint's edges: a model trained on them keeps them (as a table keeps its dim), e.g. when
+        ``fit.py --resume`` continues on a new day whose schema has other quantiles. Updates :attr:`config` in
+        place (the models hold this very dict) and, when the bin count K differs, resizes the buffers and the
+        linear weight (``.data``: the optimizer keeps its parameter) before they are loaded."""
+        saved = state_dict.get(prefix + "edges")
+        if torch.is_tensor(saved) and saved.dim() == 2 and saved.shape[0] == self.n_cont and saved.shape[1] > 1:
+            rows = saved.detach().float().cpu().numpy()
+            cleaned = [r[~np.isnan(r)] for r in rows]
+            k = max(e.size - 1 for e in cleaned)
+            if [e.tolist() for e in cleaned] != self.config["edges"] and min(e.size for e in cleaned) > 1 and (
+                    k == self.n_bins or self.linear is not None):
+                device = self.lower.device
+                for name, table in _bin_tables(cleaned).items():
+                    setattr(self, name, torch.from_numpy(table).to(device))
+                if k != self.n_bins:
+                    w = self.linear.weight
+                    w.data = w.data.new_empty((self.n_cont, k, w.shape[2]))  # filled by the load that follows
+                self.n_bins = k
+                self.config["edges"] = [e.tolist() for e in cleaned]
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The piecewise-linear encoding alone. Args: x [B, n_cont]. Returns: [B, n_cont, K]."""
@@ -170,6 +180,24 @@ class PiecewiseLinearEncoding(nn.Module):
             return z
         z = self.linear(z)
         return self.activation(z) if self.activation is not None else z
+
+
+def _bin_tables(edges: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """PLE's buffers from cleaned edges (n columns, K = most bins): ``edges`` [n, K + 1] NaN-padded, and [n, K]
+    ``lower`` (bin start), ``width``, and the clamp bounds ``lo`` / ``hi`` of each bin's value."""
+    n, k = len(edges), max(e.size - 1 for e in edges)
+    lower = np.zeros((n, k), np.float32)
+    width = np.ones((n, k), np.float32)
+    lo = np.zeros((n, k), np.float32)  # clamp bounds per bin: first bin open below, last bin open above
+    hi = np.zeros((n, k), np.float32)  # padding bins: clamp to [0, 0]
+    for j, e in enumerate(edges):
+        t = e.size - 1
+        lower[j, :t] = e[:-1]
+        width[j, :t] = np.diff(e)
+        hi[j, :t] = 1.0
+        lo[j, 0] = -np.inf
+        hi[j, t - 1] = np.inf
+    return {"edges": _padded(edges), "lower": lower, "width": width, "lo": lo, "hi": hi}
 
 
 def _padded(edges: list[np.ndarray]) -> np.ndarray:
@@ -278,5 +306,39 @@ def numeric_embedding(kind: str | None, schema_or_edges: Any, dim: int, **kwargs
     return PeriodicEncoding(n_cont, dim=dim, **kwargs)
 
 
-__all__ = ["ColumnLinear", "PeriodicEncoding", "PiecewiseLinearEncoding", "clean_edges", "from_config",
-           "numeric_embedding", "schema_edges"]
+def numeric_config(kind: str | None, schema_or_edges: Any, dim: int | None, **kwargs: Any) -> dict[str, Any] | None:
+    """The ``config`` of :func:`numeric_embedding` ``(kind, schema_or_edges, dim, **kwargs)``, what a model's
+    ``numeric=`` takes, without initialising any weights (built on the meta device). None when ``kind`` is None.
+
+    Raises:
+        ValueError: as :func:`numeric_embedding` (an unknown kind, a schema without quantiles).
+    """
+    with torch.device("meta"):
+        module = numeric_embedding(kind, schema_or_edges, dim, **kwargs)
+    return None if module is None else dict(module.config)
+
+
+def build_numeric(config: Mapping[str, Any] | None, n_cont: int, dim: int | None = None) -> nn.Module | None:
+    """A model's numeric embedding from its ``numeric=`` config (:func:`from_config`), checked against the model.
+
+    Args:
+        config: the module's ``config`` (None: no numeric embedding, returns None).
+        n_cont: the model's continuous columns; the module must embed exactly these.
+        dim: the width per column the model needs (DLRM: its embedding dim); None: any.
+
+    Returns:
+        The module, [B, n_cont] -> [B, n_cont, out_features], or None.
+    """
+    if config is None:
+        return None
+    module = from_config(config)
+    if module.n_cont != n_cont:
+        raise ValueError(f"the numeric embedding embeds {module.n_cont} continuous columns, the model has {n_cont}")
+    if dim is not None and module.out_features != dim:
+        raise ValueError(f"the numeric embedding's dim must be {dim} (the model's embedding dim), "
+                         f"got {module.out_features}")
+    return module
+
+
+__all__ = ["ColumnLinear", "PeriodicEncoding", "PiecewiseLinearEncoding", "build_numeric", "clean_edges", "from_config",
+           "numeric_config", "numeric_embedding", "schema_edges"]

@@ -9,8 +9,9 @@ The trainer, the server and ``fit.py`` rely on exactly this and nothing model-sp
 * ``config``: the JSON-safe constructor arguments, so a checkpoint rebuilds the model
   (``type(model)(**config)``, see ``ctrflow.serve.predictor``);
 * ``from_schema(schema, **kwargs)``: the model sized from a processed dataset's ``schema.json``;
-* ``from_options(schema, layers, bottom_layers, embedding_dim, features, dropout)``: the same from
-  ``fit.py``'s model flags, each model reading them its own way (``None``: its default);
+* ``from_options(schema, layers, bottom_layers, embedding_dim, features, dropout, numeric_embedding)``: the
+  same from ``fit.py``'s model flags, each model reading them its own way (``None``: its default;
+  ``numeric_embedding``: ``"ple"`` | ``"periodic"``, :mod:`ctrflow.models.numeric`, kept in ``config``);
 * ``check_input(categorical, continuous, lists=None)``: ``ValueError`` naming what does not fit;
 * ``takes_lists``: whether ``forward`` reads list features (the trainer then passes ``lists=`` /
   ``weights=``).
@@ -43,7 +44,8 @@ class CTRModel(Protocol):
     @classmethod
     def from_options(cls, schema: Any, layers: Sequence[int] | None = None,
                      bottom_layers: Sequence[int] | None = None, embedding_dim: int | None = None,
-                     features: Any = None, dropout: float | None = None) -> CTRModel: ...
+                     features: Any = None, dropout: float | None = None,
+                     numeric_embedding: str | None = None) -> CTRModel: ...
 
     def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None, lists: Any = None) -> None: ...
 

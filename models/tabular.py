@@ -7,6 +7,9 @@ Architecture (fastai 2.x, ``lin_first=True``)::
         -> [Linear(bias=not use_bn) -> ReLU -> BatchNorm1d -> Dropout(p_i)] per hidden layer
         -> Linear(out_sz)   -> logits [B, out_sz]
 
+With a numeric embedding (``numeric=``, :mod:`ctrflow.models.numeric`) the continuous block is
+``numeric(continuous).flatten(1)`` [B, n_cont * d] instead (no BatchNorm1d on it).
+
 Differences from fastai, by design: the embeddings of all features that share a dim live in one
 fused table with sparse gradients (see :mod:`ctrflow.models.embedding`), and the embedding block is
 ordered by dim (ascending) instead of by feature, which changes nothing the model can learn.
@@ -21,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctrflow.models.defaults import HIDDEN, TABULAR_MAX_DIM
+from ctrflow.models.defaults import HIDDEN, NUMERIC_DIM, TABULAR_MAX_DIM
 from ctrflow.models.embedding_part import HasEmbeddingPart, build_embedding, flatten_slots
 from ctrflow.models.features import as_features
+from ctrflow.models.numeric import build_numeric, numeric_config
 from ctrflow.models.sizes import as_schema, embedding_sizes
 
 
@@ -47,6 +51,9 @@ class TabularModel(HasEmbeddingPart):
         features: per-feature embedding options (resolved :class:`~ctrflow.models.features.Features`
             or their dict) instead of ``emb_szs``: shared tables, and list features whose pooled
             embeddings are concatenated with the others. Without it: as before.
+        numeric: a numeric embedding's ``config`` (:func:`~ctrflow.models.numeric.numeric_config`): the
+            continuous block is its output flattened, [B, n_cont * d], instead of ``bn_cont(continuous)``
+            (held as ``numeric``; ``bn_cont`` then has no effect). None (default): as before.
 
     The embedding part (:func:`~ctrflow.models.embedding_part.build_embedding`) is held as ``embeds``
     (plain tables) or ``features`` (per-feature options): :attr:`embedding_part`.
@@ -67,6 +74,7 @@ class TabularModel(HasEmbeddingPart):
         sparse: bool = True,
         emb_init: str = "normal",
         features: Any = None,
+        numeric: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(emb_szs, Mapping):
@@ -91,12 +99,15 @@ class TabularModel(HasEmbeddingPart):
         }
         self.set_embedding_part(part)
         self.emb_drop = nn.Dropout(embed_p)
-        self.bn_cont = nn.BatchNorm1d(n_cont) if (bn_cont and n_cont) else None
+        self.bn_cont = nn.BatchNorm1d(n_cont) if (bn_cont and n_cont and numeric is None) else None
         self.n_emb = part.out_features
         self.n_cat = part.num_columns
         self.n_cont = n_cont
         self.y_range = y_range
-        sizes = [self.n_emb + n_cont, *layers, out_sz]
+        self.numeric = build_numeric(numeric, n_cont)  # [B, n_cont] -> [B, n_cont, d], or None
+        if self.numeric is not None:
+            self.config["numeric"] = self.numeric.config  # the same dict: see PLE._load_from_state_dict
+        sizes = [self.n_emb + self.cont_width, *layers, out_sz]
         blocks: list[nn.Module] = []
         for i in range(len(sizes) - 1):
             last = i == len(sizes) - 2
@@ -111,6 +122,11 @@ class TabularModel(HasEmbeddingPart):
                 blocks.append(nn.Dropout(p))
         self.layers = nn.Sequential(*blocks)
 
+    @property
+    def cont_width(self) -> int:
+        """Width of the continuous block of the MLP's input: n_cont, or n_cont * d with a numeric embedding."""
+        return self.n_cont * (self.numeric.out_features if self.numeric is not None else 1)
+
     @classmethod
     def from_schema(
         cls,
@@ -119,6 +135,8 @@ class TabularModel(HasEmbeddingPart):
         out_sz: int = 1,
         max_dim: int | None = TABULAR_MAX_DIM,
         embedding_dim: int | None = None,
+        numeric_embedding: str | None = None,
+        numeric_dim: int | None = None,
         **kwargs: Any,
     ) -> TabularModel:
         """Build from a processed dataset's schema (a :class:`Schema`, its path, or the dataset dir).
@@ -130,6 +148,10 @@ class TabularModel(HasEmbeddingPart):
             max_dim: cap the stored embedding dims (default :data:`~ctrflow.models.defaults.TABULAR_MAX_DIM`;
                 the seed notebook's ``min(16, dim)`` is ``max_dim=16``); None keeps them.
             embedding_dim: one dim for every table instead of the stored ones.
+            numeric_embedding: ``"ple"`` (edges: the schema's quantiles; ``ValueError`` without them) or
+                ``"periodic"``: the continuous columns enter as their numeric embedding
+                (:mod:`ctrflow.models.numeric`); None: raw.
+            numeric_dim: its d per column (default :data:`~ctrflow.models.defaults.NUMERIC_DIM` of the kind).
             **kwargs: any other ``TabularModel`` argument; ``features=`` a
                 :class:`~ctrflow.models.features.FeatureConfig` (or its dict / file path).
         """
@@ -140,17 +162,22 @@ class TabularModel(HasEmbeddingPart):
             kwargs["features"] = as_features(kwargs["features"], as_schema(schema), dim=embedding_dim,
                                              max_dim=max_dim, init=init)
         emb = embedding_sizes(schema, max_dim=max_dim, dim=embedding_dim)
+        if numeric_embedding is not None:
+            kwargs["numeric"] = numeric_config(numeric_embedding, schema,
+                                               numeric_dim or NUMERIC_DIM.get(numeric_embedding, 0))
         return cls(emb, len(as_schema(schema).continuous), out_sz, list(layers), **kwargs)
 
     @classmethod
     def from_options(cls, schema: Any, layers: Sequence[int] | None = None,
                      bottom_layers: Sequence[int] | None = None, embedding_dim: int | None = None,
-                     features: Any = None, dropout: float | None = None) -> TabularModel:
+                     features: Any = None, dropout: float | None = None,
+                     numeric_embedding: str | None = None) -> TabularModel:
         """``fit.py``'s model flags: ``layers`` the MLP's hidden widths, ``embedding_dim`` the cap of the
         schema's per-table dims, ``dropout`` every hidden layer's (fastai's ``ps``; ``bottom_layers`` does
-        not apply); None: the defaults."""
+        not apply), ``numeric_embedding`` (``"ple"`` | ``"periodic"``) the continuous columns' embedding
+        (d: :data:`~ctrflow.models.defaults.NUMERIC_DIM`); None: the defaults (raw continuous columns)."""
         return cls.from_schema(schema, layers=list(layers or HIDDEN), max_dim=embedding_dim or TABULAR_MAX_DIM,
-                               features=features, ps=dropout or None)
+                               features=features, ps=dropout or None, numeric_embedding=numeric_embedding)
 
     def check_input(self, categorical: torch.Tensor, continuous: torch.Tensor | None, lists: Any = None) -> None:
         """Raise ``ValueError`` if a batch does not fit the model (column counts, id ranges)."""
@@ -171,7 +198,10 @@ class TabularModel(HasEmbeddingPart):
                 got = None if continuous is None else list(continuous.shape)
                 raise ValueError(f"expected continuous inputs of shape [B, {self.n_cont}], got {got}")
             x_cont = continuous.float()
-            xs.append(self.bn_cont(x_cont) if self.bn_cont is not None else x_cont)
+            if self.numeric is not None:
+                xs.append(self.numeric(x_cont).flatten(1))  # [B, n_cont * d]
+            else:
+                xs.append(self.bn_cont(x_cont) if self.bn_cont is not None else x_cont)
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
         out = self.layers(x)
         if self.y_range is not None:

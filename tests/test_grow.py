@@ -128,6 +128,11 @@ def test_resume_onto_grown_day(tmp_path):
     losses = [r["loss"] for r in recs if r["kind"] == "train"]
     assert len(losses) == day2["step"] and np.isfinite(losses).all()
     assert any(r["kind"] == "resume" for r in recs)
+    # best-checkpoint selection starts afresh on the new day: its best is a day-2 checkpoint that fits
+    # the grown tables (a day-1 best.pt restored into them crashed with a size mismatch)
+    assert day2["best"]["step"] > day1["step"]
+    with open(os.path.join(run, "summary.json")) as f:
+        assert json.load(f)["best"]["step"] > day1["step"]
     # a second --resume onto the same day is a plain resume: the run is complete, nothing retrains
     assert fit_main(["--resume", run, "--data", p2, *fit]) == 0
     assert load_checkpoint(latest_checkpoint(os.path.join(run, "checkpoints")))["step"] == day2["step"]

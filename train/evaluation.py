@@ -69,6 +69,8 @@ class Evaluating:
         b = self.best
         if b is None or b.step is None or not self.best_path or not os.path.exists(self.best_path):
             return None
+        if b.step < getattr(self, "segment_start", 0):  # from before the tables grew (a new day): not this data's
+            return None
         if self.cfg.restore_best and b.step != self.step:
             self.model.load_state_dict(torch.load(self.best_path, map_location=self.device, weights_only=True)["model"])
             self._say(None, f"best checkpoint: step {b.step} ({b.metric} {b.best:.5f}); the model now holds its "

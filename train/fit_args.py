@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from ctrflow.etl.cli_help import DefaultsHelpFormatter, usage_name
-from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, TABULAR_MAX_DIM
+from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, NUMERIC_DIM, TABULAR_MAX_DIM
 from ctrflow.models.protocol import MODELS
 from ctrflow.train.config import EMBEDDING_LR, LR, OPTIMIZERS, TrainConfig
 
@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features", default=None, metavar="FILE",
                    help="TOML/JSON embedding options per feature: dims, shared tables, list features and their "
                         "combiners, initialisers (see ctrflow.models.features; default: none)")
+    p.add_argument("--numeric-embedding", choices=tuple(NUMERIC_DIM), default=None,
+                   help="embed each continuous column (Gorishniy et al. 2022; ctrflow.models.numeric): ple = "
+                        "piecewise-linear on the quantile bins etl/run.py records, periodic = sin/cos of trained "
+                        "frequencies; dlrm: one more interaction slot per column (dim --embedding-dim), tabular/dcn: "
+                        "replaces the raw columns (d " + ", ".join(f"{k} {v}" for k, v in NUMERIC_DIM.items())
+                        + ") (default: none, the raw columns)")
     p.add_argument("--device", default=D["device"], help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
     p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=("auto", "bf16", "off"),
                    help="bfloat16 autocast: auto = on CUDA only; bare --amp = bf16 on any device")
