@@ -112,7 +112,26 @@ class FusedEmbedding(nn.Module):
         return f"tables={self.num_features}, rows={self.weight.shape[0]}, dim={self.dim}, sparse={self.sparse}"
 
 
-class SparseArch(nn.Module):
+class _PlainTables:
+    """What the plain table parts share: one slot per categorical column (``emb_szs``: (cardinality, dim)
+    each), no list features and no configuration of their own."""
+
+    emb_szs: list[tuple[int, int]]
+
+    @property
+    def num_columns(self) -> int:
+        return len(self.emb_szs)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {}  # nothing beyond the model's own arguments
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.emb_szs)
+
+
+class SparseArch(_PlainTables, nn.Module):
     """One embedding table per categorical feature, all of dim D, fused into one weight (DLRM's).
 
     An :class:`~ctrflow.models.embedding_part.EmbeddingPart`: a model holds it as ``sparse_arch``
@@ -136,17 +155,6 @@ class SparseArch(nn.Module):
         self.emb_szs = [(c, int(dim)) for c in cards]
         self.dims = [int(dim)]
 
-    @property
-    def num_columns(self) -> int:
-        return len(self.emb_szs)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return {}  # nothing beyond the model's own arguments
-
-    @property
-    def num_slots(self) -> int:
-        return len(self.emb_szs)
 
     @property
     def out_features(self) -> int:
@@ -161,7 +169,7 @@ class SparseArch(nn.Module):
         check_ids(_ids_or_empty(categorical), [c for c, _ in self.emb_szs])
 
 
-class EmbeddingTables(nn.Module):
+class EmbeddingTables(_PlainTables, nn.Module):
     """Embeddings of features with mixed dims: one :class:`FusedEmbedding` per distinct dim.
 
     An :class:`~ctrflow.models.embedding_part.EmbeddingPart`: a model holds it as ``embeds`` (checkpoint
@@ -200,17 +208,6 @@ class EmbeddingTables(nn.Module):
     def num_features(self) -> int:
         return len(self.emb_szs)
 
-    @property
-    def num_columns(self) -> int:
-        return len(self.emb_szs)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return {}  # nothing beyond the model's own arguments
-
-    @property
-    def num_slots(self) -> int:
-        return len(self.emb_szs)
 
     def _group_ids(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         if len(self.groups) == 1:
