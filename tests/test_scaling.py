@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ctrflow.train.config import EMBEDDING_LR, LR, TrainConfig
-from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD
+from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, set_step_rows
 from ctrflow.train.scaling import batch_scaling, clip_floor
 
 
@@ -51,34 +51,62 @@ def test_train_config_applies_the_rule_to_defaults_only():
     assert (base.lr, base.embedding_l2, base.embedding_clip, base.warmup_steps) == (LR["adam"], 0.0, 0.0, 0.05)
 
 
-def _dense_cowclip(w, ids, grads, r, floor, l2):
-    """Reference: per-row summed gradient + 2*l2*w, clipped to r * count * max(||w||, floor), by loops."""
+def _dense_cowclip(w, ids, grads, r, floor, l2, rows=1):
+    """Reference: per-row summed gradient + 2*l2*w, clipped to r * count / rows * max(||w||, floor), by loops
+    (``grads``: per-lookup gradients of a loss averaged over ``rows`` rows)."""
     out = torch.zeros_like(w)
     for j in torch.unique(ids).tolist():
         g = grads[ids == j].sum(0) + 2 * l2 * w[j]
-        limit = r * int((ids == j).sum()) * max(float(w[j].norm()), floor)
+        limit = r * int((ids == j).sum()) / rows * max(float(w[j].norm()), floor)
         out[j] = g * min(1.0, limit / max(float(g.norm()), 1e-30))
     return out
 
 
 @pytest.mark.parametrize("l2", [0.0, 0.01])
-def test_cowclip_equals_a_dense_reference(l2):
+@pytest.mark.parametrize("rows", [1, 300])  # a summed loss (CowClip's units), a mean over 300 rows
+def test_cowclip_equals_a_dense_reference(l2, rows):
     torch.manual_seed(0)
     w0 = torch.randn(50, 4) * torch.linspace(1e-4, 1.0, 50)[:, None]  # from tiny rows (clipped) to large
     ids = torch.randint(0, 50, (300,))
     ids[:40] = 7  # one frequent id
-    grads = torch.randn(300, 4) * 3
+    grads = torch.randn(300, 4) * 3 / rows  # a mean loss: each lookup's gradient is 1/rows of a per-row one
     r, floor = 1.0, clip_floor(4)
-    want = w0 - 0.1 * _dense_cowclip(w0, ids, grads, r, floor, l2)
+    want = w0 - 0.1 * _dense_cowclip(w0, ids, grads, r, floor, l2 / rows, rows)
     w = torch.nn.Parameter(w0.clone())
     w.grad = torch.sparse_coo_tensor(ids[None], grads, w.shape)
-    SparseSGD([w], lr=0.1, clip=r, clip_floor=floor, l2=l2).step()
+    opt = SparseSGD([w], lr=0.1, clip=r, clip_floor=floor, l2=l2 / rows)
+    set_step_rows([opt], rows)
+    opt.step()
     torch.testing.assert_close(w.data, want, rtol=1e-5, atol=1e-6)
     untouched = torch.ones(50, dtype=torch.bool)
     untouched[ids] = False
     assert torch.equal(w.data[untouched], w0[untouched])  # O(rows touched): the rest never moves
-    clipped = (grads[ids == 0].sum(0) + 2 * l2 * w0[0]).norm() > (ids == 0).sum() * max(w0[0].norm(), floor)
-    assert bool(clipped) or (ids == 0).sum() == 0  # the test does exercise clipping
+    # The scale matters: some rows are clipped, some not, and counts / 1 (the old limit) would clip fewer.
+    g = torch.stack([grads[ids == j].sum(0) + 2 * l2 / rows * w0[j] for j in range(50)]).norm(dim=1)
+    cnt = torch.bincount(ids, minlength=50)
+    lim = cnt * w0.norm(dim=1).clamp(min=floor)
+    assert bool(((g > lim / rows) & (cnt > 0)).any()) and bool(((g <= lim / rows) & (cnt > 0)).any())
+    if rows > 1:
+        assert int((g > lim / rows).sum()) > int((g > lim).sum())
+
+
+def test_clip_zero_is_a_no_op_and_set_step_rows_reaches_the_row_optimizers():
+    torch.manual_seed(2)
+    w0 = torch.randn(20, 4) * 1e-3
+    ids = torch.randint(0, 20, (64,))
+    grads = torch.randn(64, 4)
+    w, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    w.grad = torch.sparse_coo_tensor(ids[None], grads, w.shape)
+    ref.grad = w.grad.clone()
+    opt = LazyAdam([w], lr=0.01, clip=0.0, clip_floor=clip_floor(4))
+    dense = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    set_step_rows([opt, dense], 65536)
+    assert opt.param_groups[0]["clip_rows"] == 65536 and "clip_rows" not in dense.param_groups[0]
+    opt.step()
+    LazyAdam([ref], lr=0.01).step()
+    assert torch.equal(w.data, ref.data)
+    with pytest.raises(ValueError):
+        set_step_rows([opt], 0)
 
 
 @pytest.mark.parametrize("opt", [LazyAdam, RowWiseAdagrad])
@@ -86,14 +114,14 @@ def test_adaptive_optimizers_see_the_clipped_gradient(opt):
     torch.manual_seed(1)
     w0 = torch.randn(30, 4) * 0.01
     ids = torch.randint(0, 30, (100,))
-    grads = torch.randn(100, 4)
+    grads = torch.randn(100, 4) / 100
     ref = torch.nn.Parameter(w0.clone())  # the same optimizer on the reference's clipped dense-row gradient
-    ref.grad = _dense_cowclip(w0, ids, grads, 1.0, clip_floor(4), 0.0)
+    ref.grad = _dense_cowclip(w0, ids, grads, 1.0, clip_floor(4), 0.0, rows=100)
     rows = torch.unique(ids)
     ref.grad = torch.sparse_coo_tensor(rows[None], ref.grad[rows], w0.shape).coalesce()
     w = torch.nn.Parameter(w0.clone())
     w.grad = torch.sparse_coo_tensor(ids[None], grads, w.shape)
-    opt([w], lr=0.01, clip=1.0, clip_floor=clip_floor(4)).step()
+    opt([w], lr=0.01, clip=1.0, clip_floor=clip_floor(4), clip_rows=100).step()
     opt([ref], lr=0.01).step()
     torch.testing.assert_close(w.data, ref.data, rtol=1e-5, atol=1e-7)
 

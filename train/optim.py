@@ -50,11 +50,29 @@ def unique_rows(idx: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple
     return uniq, scratch.index_select(0, idx).long()
 
 
-def _row_options(clip: float, clip_floor: float, l2: float) -> dict[str, float]:
+def _row_options(clip: float, clip_floor: float, l2: float, clip_rows: float = 1.0) -> dict[str, float]:
     """The row regularisation options of a param group, checked."""
-    if clip < 0 or clip_floor < 0 or l2 < 0:
-        raise ValueError(f"clip, clip_floor and l2 must be >= 0, got {clip}, {clip_floor}, {l2}")
-    return {"clip": float(clip), "clip_floor": float(clip_floor), "l2": float(l2)}
+    if clip < 0 or clip_floor < 0 or l2 < 0 or clip_rows <= 0:
+        raise ValueError(f"clip, clip_floor and l2 must be >= 0 and clip_rows > 0, got {clip}, {clip_floor}, {l2}, "
+                         f"{clip_rows}")
+    return {"clip": float(clip), "clip_floor": float(clip_floor), "l2": float(l2), "clip_rows": float(clip_rows)}
+
+
+def set_step_rows(optimizers: Iterable[torch.optim.Optimizer], rows: float) -> None:
+    """Tell the row-sparse optimizers how many rows the loss behind the next step averages over (CowClip's B).
+
+    The trainer's loss is a batch mean, so row ``j``'s gradient is ~``cnt_j / B`` of a per-row one; the clip
+    limit ``r * cnt_j / B * max(||w_j||, zeta)`` is CowClip's (a summed loss's) in those units. Call before
+    ``step()`` with the batch times gradient accumulation, times ranks (their gradients are averaged).
+    Other optimizers are left alone. (Under torchrun the averaged gradient arrives coalesced, so every count
+    reads 1 there: ``ddp.average_sparse`` does not carry them.)
+    """
+    if rows <= 0:
+        raise ValueError(f"rows must be > 0, got {rows}")
+    for opt in optimizers:
+        if isinstance(opt, _RowOptimizer):
+            for g in opt.param_groups:
+                g["clip_rows"] = float(rows)
 
 
 class _RowOptimizer(torch.optim.Optimizer):
@@ -94,7 +112,8 @@ class _RowOptimizer(torch.optim.Optimizer):
     def _regularise(p: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, counts: torch.Tensor,
                     group: dict) -> torch.Tensor:
         """Row L2 and CowClip on the touched rows: ``g + 2 * l2 * w``, then each row's gradient clipped
-        to norm ``clip * count * max(||w_row||, clip_floor)`` (see :mod:`ctrflow.train.scaling`).
+        to norm ``clip * count / clip_rows * max(||w_row||, clip_floor)`` (see :mod:`ctrflow.train.scaling`;
+        ``clip_rows``: the rows a mean-reduced loss averaged over, 1 for a summed loss).
 
         Args:
             p: the weight [R, D] (or [R]); rows: touched row ids [U]; g: their summed gradients [U, D];
@@ -109,7 +128,9 @@ class _RowOptimizer(torch.optim.Optimizer):
             g = g.add(w, alpha=2.0 * l2)
         if r > 0:
             flat_w, flat_g = w.reshape(w.shape[0], -1), g.reshape(g.shape[0], -1)
-            limit = flat_w.norm(dim=1).clamp_(min=group.get("clip_floor", 0.0)).mul_(counts).mul_(r)
+            # In a mean loss's units: counts / B (groups saved before clip_rows existed: 1, a summed loss).
+            limit = flat_w.norm(dim=1).clamp_(min=group.get("clip_floor", 0.0)).mul_(counts)
+            limit.mul_(r / group.get("clip_rows", 1.0))
             norm = flat_g.norm(dim=1)
             scale = (limit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp_(max=1.0)
             g = (flat_g * scale[:, None]).reshape(g.shape)
@@ -131,15 +152,16 @@ class RowWiseAdagrad(_RowOptimizer):
         initial_accumulator_value: start value of every row's accumulator.
         clip, clip_floor, l2: CowClip ratio and floor, and L2 weight, on the touched rows of a sparse
             gradient (0: off; see :mod:`ctrflow.train.scaling`).
+        clip_rows: rows the loss averages over (B; 1: a summed loss); :func:`set_step_rows` updates it.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.01, eps: float = 1e-8,
                  initial_accumulator_value: float = 0.0, clip: float = 0.0, clip_floor: float = 0.0,
-                 l2: float = 0.0) -> None:
+                 l2: float = 0.0, clip_rows: float = 1.0) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value,
-                                  **_row_options(clip, clip_floor, l2)})
+                                  **_row_options(clip, clip_floor, l2, clip_rows)})
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch signature
@@ -177,15 +199,16 @@ class LazyAdam(_RowOptimizer):
             takes a step ~2.5-3x ``lr``; per row it takes ``lr``, like a fresh Adam.
         clip, clip_floor, l2: CowClip ratio and floor, and L2 weight, on the touched rows of a sparse
             gradient (0: off; see :mod:`ctrflow.train.scaling`).
+        clip_rows: rows the loss averages over (B; 1: a summed loss); :func:`set_step_rows` updates it.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, row_steps: bool = False, clip: float = 0.0, clip_floor: float = 0.0,
-                 l2: float = 0.0) -> None:
+                 l2: float = 0.0, clip_rows: float = 1.0) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "row_steps": row_steps,
-                                  **_row_options(clip, clip_floor, l2)})
+                                  **_row_options(clip, clip_floor, l2, clip_rows)})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -236,13 +259,14 @@ class SparseSGD(_RowOptimizer):
         clip, clip_floor, l2: CowClip ratio and floor, and L2 weight, on the touched rows (0: off; see
             :mod:`ctrflow.train.scaling`). Without them a sparse gradient is applied with one
             ``index_add_`` (duplicates add up), with them after merging duplicate rows.
+        clip_rows: rows the loss averages over (B; 1: a summed loss); :func:`set_step_rows` updates it.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.01, clip: float = 0.0, clip_floor: float = 0.0,
-                 l2: float = 0.0) -> None:
+                 l2: float = 0.0, clip_rows: float = 1.0) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, {"lr": lr, **_row_options(clip, clip_floor, l2)})
+        super().__init__(params, {"lr": lr, **_row_options(clip, clip_floor, l2, clip_rows)})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -273,6 +297,7 @@ def build_optimizers(
     row_steps: bool = True,
     embedding_l2: float = 0.0,
     embedding_clip: float = 0.0,
+    rows_per_step: int = 1,
 ) -> list[torch.optim.Optimizer]:
     """The trainer's default optimizers: one for sparse embedding weights, one for the rest.
 
@@ -289,6 +314,8 @@ def build_optimizers(
         embedding_l2: L2 weight on the embedding rows each batch touches (row-sparse, never the table).
         embedding_clip: CowClip's ratio r for the embedding rows (0: off); the floor is
             :func:`ctrflow.train.scaling.clip_floor` of the rows' width.
+        rows_per_step: rows the (mean) loss of a step averages over, CowClip's B (1: a summed loss); the
+            trainer updates it every step (:func:`set_step_rows`).
 
     Returns:
         A list of one or two optimizers (those with no parameters are left out).
@@ -317,7 +344,7 @@ def build_optimizers(
     if sparse:
         width = max(int(p[0].numel()) for p in sparse)  # a row's elements (D), for CowClip's floor
         rows = {"clip": embedding_clip, "clip_floor": clip_floor(width) if embedding_clip else 0.0,
-                "l2": embedding_l2}
+                "l2": embedding_l2, "clip_rows": rows_per_step}
         if emb_name == "adam":
             out.append(LazyAdam(sparse, lr=elr, row_steps=row_steps, **rows))
         else:

@@ -13,7 +13,10 @@ with no loss of AUC using, for a batch ``k`` times the reference:
 * adaptive column-wise clipping of each id's embedding gradient: the gradient of row ``j`` is
   clipped to ``r * cnt_j * max(||w_j||, zeta)`` where ``cnt_j`` is the number of times the batch
   looked the id up (``r = 1``, ``zeta = 1e-5 * sqrt(D)`` for Criteo), so an id seen thousands of
-  times in one huge batch cannot take a step out of proportion to its own weights.
+  times in one huge batch cannot take a step out of proportion to its own weights. That limit is in
+  the units of a per-row (summed-loss) gradient; ctrflow's loss is the batch *mean*, so the optimizers
+  clip to ``r * cnt_j / B * max(||w_j||, zeta)`` with ``B`` the rows behind the step (batch x
+  accumulation x ranks; the trainer sets it each step, :func:`ctrflow.train.optim.set_step_rows`).
 
 ctrflow's row-sparse optimizers (:mod:`ctrflow.train.optim`) apply the clipping and the L2 to the rows
 a batch touched only (O(rows touched), never a pass over the table). At or below the reference batch
@@ -29,7 +32,9 @@ from dataclasses import dataclass
 REFERENCE_BATCH = 512  # the batch size the defaults (ctrflow.train.config.LR ...) were tuned at
 EMBEDDING_L2_PER_REFERENCE = 5e-6  # CowClip's 1e-5 per 1K rows of batch, per 512
 # (bench/RESULTS.md "Large batches (#16)": at 65536 rows, 0 lost 0.0026 AUC and 2x lost 0.0034 against this.)
-CLIP_RATIO = 1.0  # CowClip's r; with the mean-reduced loss it did not bind at 65536 rows (r=0: same AUC)
+# CowClip's r, in mean-loss units (limit r * cnt / B * max(||w||, zeta)): at 65536 rows it clips ~half the
+# lookups, and r = 0.5 / 1 / 2 were within 0.0003 AUC (bench/RESULTS.md "Large batches (#16)").
+CLIP_RATIO = 1.0
 CLIP_FLOOR_PER_SQRT_DIM = 1e-5  # CowClip's zeta / sqrt(D) on Criteo
 MAX_WARMUP_SHARE = 0.25  # never spend more than this share of the run warming up
 

@@ -34,7 +34,7 @@ from ctrflow.train import ddp
 from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
 from ctrflow.train.evaluation import Evaluating
 from ctrflow.train.hooks import call_hook
-from ctrflow.train.optim import build_optimizers, lr_factor
+from ctrflow.train.optim import build_optimizers, lr_factor, set_step_rows
 from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
 from ctrflow.train.resumable import Resumable
@@ -281,6 +281,8 @@ class Trainer(Resumable, Evaluating):
                     self._pending.append((self.step + 1, d))
                     if self.device.type == "cpu":
                         self._check_finite()  # free on the CPU: stop before applying a bad step
+                    b = rows if hasattr(batch, "categorical") else cfg.batch_size  # a Batch's rows (last: short)
+                    set_step_rows(self.optimizers, b * cfg.grad_accum * ddp.world_size())  # CowClip's B
                     lr = self._optimizer_step()
                     boundary = self.batch_in_epoch
                     win_steps += 1
