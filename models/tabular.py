@@ -17,18 +17,16 @@ ordered by dim (ascending) instead of by feature, which changes nothing the mode
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ctrflow.models.defaults import HIDDEN, NUMERIC_DIM, TABULAR_MAX_DIM
+from ctrflow.models.defaults import HIDDEN, TABULAR_MAX_DIM
 from ctrflow.models.embedding_part import HasEmbeddingPart, build_embedding, flatten_slots
-from ctrflow.models.features import as_features
-from ctrflow.models.numeric import build_numeric, numeric_config
-from ctrflow.models.sizes import as_schema, embedding_sizes
+from ctrflow.models.numeric import build_numeric
+from ctrflow.models.schema_inputs import schema_inputs
 
 
 class TabularModel(HasEmbeddingPart):
@@ -155,17 +153,9 @@ class TabularModel(HasEmbeddingPart):
             **kwargs: any other ``TabularModel`` argument; ``features=`` a
                 :class:`~ctrflow.models.features.FeatureConfig` (or its dict / file path).
         """
-        if isinstance(schema, (str, os.PathLike)):
-            schema = as_schema(schema)
-        if kwargs.get("features") is not None:
-            init = "uniform" if kwargs.get("emb_init") == "uniform" else "truncated_normal"
-            kwargs["features"] = as_features(kwargs["features"], as_schema(schema), dim=embedding_dim,
-                                             max_dim=max_dim, init=init)
-        emb = embedding_sizes(schema, max_dim=max_dim, dim=embedding_dim)
-        if numeric_embedding is not None:
-            kwargs["numeric"] = numeric_config(numeric_embedding, schema,
-                                               numeric_dim or NUMERIC_DIM.get(numeric_embedding, 0))
-        return cls(emb, len(as_schema(schema).continuous), out_sz, list(layers), **kwargs)
+        init = "uniform" if kwargs.get("emb_init") == "uniform" else "truncated_normal"
+        emb, n_cont = schema_inputs(schema, kwargs, max_dim, embedding_dim, init, numeric_embedding, numeric_dim)
+        return cls(emb, n_cont, out_sz, list(layers), **kwargs)
 
     @classmethod
     def from_options(cls, schema: Any, layers: Sequence[int] | None = None,
