@@ -132,7 +132,10 @@ def prepare_input(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     return train, None, meta
 
 
-PEAK_FACTOR = 2.2  # measured: an in-memory ETL peaks at ~2x its decoded input (the input, plus transform + write)
+# Peak RSS of a cached run / the input's estimated decoded size (Dataset.estimated_bytes): measured 4.6 at
+# 40M generated rows (estimate 2.31 GB, peak 10.63 GiB; `/usr/bin/time -v python etl/run.py --synthetic-rows
+# 40000000`, 2026-12-06), so 5 with a margin: the estimate undercounts pandas' decoded columns.
+PEAK_FACTOR = 5.0
 MEMORY_SHARE = 0.4  # default --memory-limit: this share of the machine's RAM
 
 

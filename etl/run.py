@@ -146,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--memory-limit", metavar="SIZE", default=None,
                      help="memory budget of the whole run, e.g. 8GB, 512MB or 40%% of RAM: the input is kept in "
-                          "memory between fit and transform only when its peak (~2.2x the decoded input) fits, "
-                          "else it is streamed from disk twice; local --workers share it (default: 40%% of RAM)")
+                          "memory between fit and transform only when its peak (~5x the estimated decoded input) "
+                          "fits, else it is streamed from disk twice; local --workers share it (default: 40%% of RAM)")
     run.add_argument("--no-cache", action="store_true",
-                     help="never keep the input in memory between fit and transform (it is, when under 1/4 of "
-                          "RAM); unrelated to --cache-dir")
+                     help="never keep the input in memory between fit and transform (it is when its peak fits "
+                          "--memory-limit); unrelated to --cache-dir")
     list_args.add_arguments(p)
     return p
 
