@@ -23,17 +23,18 @@ def test_the_rule_is_the_identity_up_to_the_reference(batch):
 @pytest.mark.parametrize("batch, k", [(1024, 2), (8192, 16), (65536, 128), (400_000, 400_000 / 512)])
 def test_the_rule_scales_like_cowclip(batch, k):
     s = batch_scaling(batch)
+    kk = min(k, 128)  # held beyond the 128x CowClip verified (400000 uses 65536's values)
     assert s.k == pytest.approx(k)
-    assert s.lr_factor == pytest.approx(math.sqrt(k))  # dense lr: square root
+    assert s.lr_factor == pytest.approx(math.sqrt(kk))  # dense lr: square root
     assert s.embedding_lr_factor == 1.0  # embedding lr: unchanged
-    assert s.embedding_l2 == pytest.approx(5e-6 * k)  # L2: linear (CowClip: 1e-5 per 1K rows)
+    assert s.embedding_l2 == pytest.approx(5e-6 * kk)  # L2: linear (CowClip: 1e-5 per 1K rows)
     assert s.clip_ratio == 1.0
     assert 0.05 < s.warmup_share <= 0.25
 
 
 def test_the_rule_grows_with_the_batch_and_rejects_nonsense():
     shares = [batch_scaling(b).warmup_share for b in (1024, 8192, 65536, 400_000, 10**8)]
-    assert shares == sorted(shares) and shares[-1] == 0.25
+    assert shares == sorted(shares) and shares[-1] == shares[2] <= 0.25  # held from 128x on
     with pytest.raises(ValueError):
         batch_scaling(0)
 
