@@ -131,12 +131,15 @@ def _check_run_dir(a: argparse.Namespace, out: str) -> None:
 MIN_STEPS = 100  # below this many optimizer steps a CTR model trains to little better than chance
 
 
-def _check_steps(make_train, a: argparse.Namespace) -> None:
-    """Say, before training, when the run has too few optimizer steps to learn in (one line, stderr)."""
-    with make_train() as loader:
-        batches, rows = len(loader), loader.rows
+def _run_steps(a: argparse.Namespace, batches: int) -> int:
+    """Optimizer steps of the run: ``batches`` per epoch, accumulated, over the epochs, up to --max-steps."""
     steps = -(-batches // a.grad_accum) * a.epochs
-    steps = min(steps, a.max_steps or steps)
+    return min(steps, a.max_steps or steps)
+
+
+def _check_steps(a: argparse.Namespace, batches: int, rows: int) -> None:
+    """Say, before training, when the run has too few optimizer steps to learn in (one line, stderr)."""
+    steps = _run_steps(a, batches)
     if steps < MIN_STEPS:
         print(f"warning: {steps} optimizer steps ({rows:,} training rows, --batch-size {a.batch_size}, "
               f"--epochs {a.epochs}) are too few to learn in (aim for >= {MIN_STEPS}): use more data, more "
@@ -206,15 +209,13 @@ def _target(a: argparse.Namespace, schema: Any) -> dict[str, Any]:
         raise UsageError(f"--data {a.data}: {e}") from None
 
 
-def _eval_every(a: argparse.Namespace, make_train) -> int:
+def _eval_every(a: argparse.Namespace, batches: int) -> int:
     """``--eval-every``, or by default a fifth of the run (so the curve has five validation points)."""
     if a.eval_every is not None:
         return a.eval_every
     if a.epochs > 1:
         return 0  # at every epoch end: what best-checkpoint selection and --patience compare
-    with make_train() as loader:
-        steps = -(-len(loader) // a.grad_accum) * a.epochs
-    return max(1, -(-min(steps, a.max_steps or steps) // 5))
+    return max(1, -(-_run_steps(a, batches) // 5))
 
 
 def _loader_alone(make, batches: int) -> float:
@@ -261,6 +262,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         return Loader(os.path.join(a.data, "train"), a.batch_size, shuffle=True, seed=a.seed,
                       parts_per_chunk=a.parts_per_chunk, device=loader_device, lists=lists, cache=a.cache)
 
+    with make_train() as sized:  # the plan alone (no thread starts): batches per epoch, this rank's rows
+        batches, rows = len(sized), sized.rows
     cfg = TrainConfig(
         task=a.task, batch_size=a.batch_size, valid_batch_size=a.valid_batch_size, optimizer=a.optimizer,
         lr=a.lr, embedding_lr=a.embedding_lr, embedding_optimizer=a.embedding_optimizer,
@@ -269,7 +272,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         weight_decay=a.weight_decay, embedding_l2=a.embedding_l2,
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
         max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum,
-        eval_every=_eval_every(a, make_train), log_every=a.log_every, checkpoint_every=a.checkpoint_every,
+        eval_every=_eval_every(a, batches), log_every=a.log_every, checkpoint_every=a.checkpoint_every,
         keep_checkpoints=a.keep, amp=amp, device=str(device), progress=False if a.no_progress else None,
         extra={"argv": {k: v for k, v in vars(a).items()}, "data": os.path.abspath(a.data)},
     )
@@ -280,7 +283,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                             cfg.embedding_lr)
     if ddp.is_main():
         _say_scaling(cfg)
-        _check_steps(make_train, a)
+        _check_steps(a, batches, rows)
     trainer = Trainer(model, cfg, out_dir=out)
     if a.resume:  # onto a new day (etl/run.py --update): grow the tables, restart the lr schedule (models/grow.py)
         from ctrflow.models.grow import continue_state
