@@ -14,8 +14,10 @@ Measured side by side in one run, on the same 256-row requests of raw validation
   each request becomes a one-partition Dask dataset, transformed lazily and computed, then scored.
 
 Then the per-stage split of one request (``stages``, CPU ms of the calling thread, median, in-process,
-one thread): JSON parse, validation into typed columns, the workflow's transform of one request and
-of a batch of ``--clients`` requests (what the server's batcher runs), the model on the same two sizes.
+one thread): JSON parse, validation into typed columns, the server's transform
+(``Predictor.transform_columns``: the plan made at load time) of one request and of a batch of
+``--clients`` requests (what the server's batcher runs), the same through a pandas frame
+(``to_frame`` + ``Workflow.transform_frame``, the reference path), the model on the two sizes.
 
 Rows/s = rows answered / wall time of the phase. ``failed`` counts non-200 answers and connection
 errors; ``server alive`` is checked with ``/health`` after the load. The model: DLRM with fit.py's
@@ -199,10 +201,11 @@ def stage_split(pred: Any, reqs: list[list[dict]], batch: int, repeat: int = 20)
     cols = [pred.columns(d) for d in docs]
     stacked = [concat_columns((cols * batch)[i:i + batch]) for i in range(0, len(cols), max(1, len(cols) // 4))]
     frames, big = [to_frame(c) for c in cols], [to_frame(c) for c in stacked]
-    done, done_big = [pred.transform(f) for f in frames], [pred.transform(f) for f in big]
+    done, done_big = [pred.transform_columns(c) for c in cols], [pred.transform_columns(c) for c in stacked]
     return {"json_parse": ms(json.loads, bodies), "validate": ms(pred.columns, docs),
-            "to_frame": ms(to_frame, cols), "transform_1": ms(pred.transform, frames),
-            f"transform_{batch}": ms(pred.transform, big), "model_1": ms(pred.predict_processed, done),
+            "transform_1": ms(pred.transform_columns, cols), f"transform_{batch}": ms(pred.transform_columns, stacked),
+            "to_frame": ms(to_frame, cols), "transform_frame_1": ms(pred.transform, frames),
+            f"transform_frame_{batch}": ms(pred.transform, big), "model_1": ms(pred.predict_processed, done),
             f"model_{batch}": ms(pred.predict_processed, done_big), "batch_requests": batch}
 
 

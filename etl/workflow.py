@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from ctrflow.etl import dispatch, lists
 from ctrflow.etl.dataset import Dataset
 from ctrflow.etl.graph import Node, Selectable, as_node, graph_from_dict, graph_to_dict
-from ctrflow.etl.ops.base import Operator, op_from_dict, op_to_dict
+from ctrflow.etl.ops.base import Operator, elementwise_chain, op_from_dict, op_to_dict
 from ctrflow.etl.schema import ColumnSchema, Schema
 from ctrflow.etl.update import check_not_seen, input_fingerprint
 from ctrflow.etl.versions import library_versions
@@ -87,13 +87,11 @@ class _Evaluator:
             n.op._require_fitted()
         parents = [self._eval(p, df, memo) for p in chain[0].parents]
         inp = parents[0] if len(parents) == 1 else _concat(parents)
+        ops = [n.op for n in chain]
         out = {}
         for c in node.input_columns:
-            series = inp[c]
-            x, filled = dispatch.float_work_filled(series, chain[0].op.null_fill(c))  # FillMissing done here
-            for n in chain[1:] if filled else chain:
-                x = n.op.transform_array(c, x if x.dtype == "float64" else x.astype("float64"))
-            out[c] = dispatch.series_like(series, x, name=c)
+            series = inp[c]  # one lookup: pandas column access is not free
+            out[c] = dispatch.series_like(series, elementwise_chain(ops, c, series), name=c)
         return dispatch.frame_from_columns(inp, out)
 
 

@@ -2,7 +2,7 @@
 
 Each request is parsed and validated on its own (its errors stay its own), then its typed columns
 are queued. A worker thread takes whatever is queued -- up to ``max_rows`` rows -- stacks it and runs
-the workflow on it once (``Predictor.transform``); a second thread runs the model on that batch and
+the workflow on it once (``Predictor.transform_columns``); a second thread runs the model on that batch and
 hands every request its slice of the scores. Under load this pays the per-call costs (the workflow's
 per-frame overhead: ~14 ms whether a frame has 256 rows or 8,192; kernel launches) once per batch
 instead of once per request; an idle server answers a lone request at once (no waiting for company).
@@ -25,7 +25,7 @@ from concurrent.futures import Future
 import numpy as np
 import pyarrow as pa
 
-from ctrflow.serve.inputs import concat_columns, num_rows, to_frame
+from ctrflow.serve.inputs import concat_columns, num_rows
 from ctrflow.serve.predictor import Predictor
 
 _Batch = list[tuple[dict[str, pa.Array], Future]]
@@ -118,7 +118,7 @@ class Batcher:
         self.batches += 1
         self.requests += len(live)
         try:
-            processed = self.predictor.transform(to_frame(concat_columns([c for c, _ in live])))
+            processed = self.predictor.transform_columns(concat_columns([c for c, _ in live]))
         except Exception as e:
             if len(live) == 1:
                 live[0][1].set_exception(e)

@@ -2,10 +2,12 @@
 
 A run directory (``train/fit.py --out RUN``) holds ``checkpoints/ckpt-*.pt`` whose config names the
 model class, its constructor arguments and the processed dataset it was trained on; that dataset holds
-the fitted ``workflow/`` and ``schema.json``. Raw rows go through ``Workflow.transform_frame`` -- the
-function the ETL mapped over every partition, so serving and training share one code path -- then the
-model, in batches, under ``torch.inference_mode``. List features (JSON arrays, or the ETL's delimited
-strings) reach the model as the loader's jagged values + offsets (:mod:`ctrflow.serve.list_inputs`).
+the fitted ``workflow/`` and ``schema.json``. Raw rows go through the workflow's transform -- planned once
+when the predictor loads (:class:`~ctrflow.serve.fast_transform.FastTransform`: each op's array-level
+transform, the functions the ETL ran over every partition, so the values are ``Workflow.transform_frame``'s
+bit for bit) -- then the model, in batches, under ``torch.inference_mode``. List features (JSON arrays,
+or the ETL's delimited strings) reach the model as the loader's jagged values + offsets
+(:mod:`ctrflow.serve.list_inputs`).
 
 Example:
     >>> p = Predictor.from_run("runs/dlrm-20261123")                       # doctest: +SKIP
@@ -31,6 +33,7 @@ from ctrflow.etl.ops import Categorify, Label
 from ctrflow.etl.schema import Schema, SchemaError
 from ctrflow.etl.versions import library_versions
 from ctrflow.etl.workflow import Workflow, WorkflowError
+from ctrflow.serve.fast_transform import Processed, plan
 from ctrflow.serve.inputs import (
     ServeError,
     arrow_type,
@@ -130,6 +133,7 @@ class Predictor:
         # Columns the ETL split from delimited strings ('--list-cols COL:SEP'): requests may send either form.
         seps = workflow.meta.get("list_separators") or {}
         self.separators = {c: s for c, s in seps.items() if is_list_target(self.input_types.get(c))}
+        self.fast = plan(workflow)  # None: every request goes through transform_frame
 
     def _check_cardinalities(self) -> None:
         """Refuse a workflow whose ids outgrew the model's tables (e.g. updated after training)."""
@@ -227,13 +231,17 @@ class Predictor:
         """Validate raw rows into the frame the workflow reads (as the ETL's reader built it)."""
         return to_frame(self.columns(rows, field))
 
-    def _tensors(self, processed: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tensors(self, processed: pd.DataFrame | Processed) -> tuple[torch.Tensor, torch.Tensor]:
         """Processed columns -> (categorical [B, n_cat], continuous [B, n_cont]) column-major views, as the
         loader yields them."""
         n = len(processed)
-        cat = np.stack([processed[c].to_numpy() for c in self.categorical]) if self.categorical \
-            else np.zeros((0, n), np.int32)
-        cont = np.stack([processed[c].to_numpy(dtype=np.float32) for c in self.continuous]) if self.continuous \
+        if isinstance(processed, Processed):
+            col = processed.numpy
+        else:
+            def col(c: str, dtype: Any = None) -> np.ndarray:
+                return processed[c].to_numpy(dtype=dtype)
+        cat = np.stack([col(c) for c in self.categorical]) if self.categorical else np.zeros((0, n), np.int32)
+        cont = np.stack([col(c, np.float32) for c in self.continuous]) if self.continuous \
             else np.zeros((0, n), np.float32)
         return torch.from_numpy(cat).t(), torch.from_numpy(cont).t()
 
@@ -247,11 +255,12 @@ class Predictor:
         return predict(out, self.info.get("target"))  # in the target's units, as the trainer reported
 
     @torch.inference_mode()
-    def predict_processed(self, processed: pd.DataFrame) -> np.ndarray:
-        """Scores of already-transformed rows (the ETL's output): ``[B]`` float32."""
+    def predict_processed(self, processed: pd.DataFrame | Processed) -> np.ndarray:
+        """Scores of already-transformed rows (the ETL's output, or :meth:`transform_columns`'): ``[B]`` float32."""
         out = []
         for lo in range(0, len(processed), self.batch_size):
-            part = processed.iloc[lo:lo + self.batch_size]
+            part = processed.slice(lo, lo + self.batch_size) if isinstance(processed, Processed) \
+                else processed.iloc[lo:lo + self.batch_size]
             cat, cont = self._tensors(part)
             cat, cont = cat.to(self.device, non_blocking=True), cont.to(self.device, non_blocking=True)
             if self.lists:  # jagged, exactly as the loader reads the ETL's parquet (serve/list_inputs.py)
@@ -265,9 +274,20 @@ class Predictor:
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
     def transform(self, raw: pd.DataFrame) -> pd.DataFrame:
-        """The workflow applied to a validated raw frame (see :meth:`raw_frame`)."""
+        """The workflow applied to a validated raw frame (see :meth:`raw_frame`): ``Workflow.transform_frame``."""
         try:
             return self.workflow.transform_frame(raw)
+        except (TypeError, ValueError) as e:  # an op refusing a value the parser let through
+            raise ServeError(f"the workflow cannot transform these rows: {e}") from None
+
+    def transform_columns(self, columns: Mapping[str, pa.Array]) -> Processed | pd.DataFrame:
+        """The workflow applied to validated columns (:meth:`columns`) by the plan made at load time
+        (:class:`~ctrflow.serve.fast_transform.FastTransform`; the same values as :meth:`transform` of
+        ``to_frame(columns)``, which runs instead when no plan could be made)."""
+        if self.fast is None:
+            return self.transform(to_frame(columns))
+        try:
+            return self.fast(columns)
         except (TypeError, ValueError) as e:  # an op refusing a value the parser let through
             raise ServeError(f"the workflow cannot transform these rows: {e}") from None
 
@@ -290,8 +310,8 @@ class Predictor:
     def score_columns(self, columns: Mapping[str, pa.Array]) -> np.ndarray:
         """Scores of validated columns (:meth:`columns`): transform and model, ``batch_size`` rows at a time."""
         n = num_rows(columns)
-        out = [self.predict_processed(self.transform(to_frame({c: a.slice(lo, self.batch_size)
-                                                               for c, a in columns.items()})))
+        out = [self.predict_processed(self.transform_columns({c: a.slice(lo, self.batch_size)
+                                                              for c, a in columns.items()}))
                for lo in range(0, n, self.batch_size)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 

@@ -5,15 +5,23 @@ also implements ``fit(columns, ddf)`` returning lazy Dask objects and ``fit_fina
 that stores plain JSON-safe stats (plus optional pyarrow tables, e.g. vocabularies). The workflow
 computes the stats of one dependency level in a single ``dask.compute``. Every op declares its
 output columns, their kind and dtype, and categorical outputs their cardinality.
+
+Serving's fast path (``ctrflow.serve.fast_transform``) calls ``array_transform(columns)`` once, when a
+predictor loads, and then the returned function on every request: the op's transform on host columns
+(a ``pyarrow.Array`` where the pandas path holds an arrow-backed Series, a ``numpy.ndarray`` where it
+holds a numpy-backed one), through the same functions ``transform`` uses, so the values are the same.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 
-from ctrflow.etl import dispatch
+from ctrflow.etl import dispatch, lists
 from ctrflow.etl.schema import embedding_dim, id_dtype
 
 OP_REGISTRY: dict[str, type[Operator]] = {}
@@ -84,6 +92,19 @@ class Operator:
             The output array [N] (``x`` itself or a new array).
         """
         raise NotImplementedError
+
+    def array_transform(self, columns: list[str]) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """This op's :meth:`transform` planned once for ``columns``, on host arrays (serving's fast path).
+
+        Args:
+            columns: the op's input columns.
+
+        Returns:
+            ``fn({column: array}) -> {output column: array}`` (arrays as the module docstring says; any
+            lookup tables built now, not per call), equal to :meth:`transform`'s columns; ``None`` when
+            the op has none (the caller then runs :meth:`transform` on a frame).
+        """
+        return None
 
     def null_fill(self, column: str) -> float | None:
         """For an elementwise op that only replaces nulls / NaN: the value it puts there (else None).
@@ -187,3 +208,86 @@ class ColumnOp(Operator):
         self._require_fitted()
         out = {c: self.transform_column(c, df[c]) for c in columns}
         return dispatch.frame_from_columns(df, out)
+
+    def array_transform(self, columns: list[str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """``transform_column`` itself on each column held as a Series view of the array (no frame)."""
+        self._require_fitted()
+        return lambda arrays: {c: host_values(self.transform_column(c, host_series(arrays[c], c))) for c in columns}
+
+
+class ListReshapeOp(Operator):
+    """An op that reshapes list columns (``_reshape`` of each one's arrow list array); scalar columns
+    pass through unchanged (e.g. the candidate of a joint Categorify). Kind and stats come from upstream."""
+
+    output_kind = "other"
+
+    def _reshape(self, arr: pa.Array) -> pa.Array:
+        raise NotImplementedError
+
+    def source_column(self, column: str, inputs: list[str]) -> str | None:
+        return column  # a reshape: kind and stats come from upstream
+
+    def transform(self, columns: list[str], df: Any) -> Any:
+        out = {}
+        for c in columns:
+            series = df[c]
+            out[c] = lists.series_from_list(series, self._reshape(lists.list_array(series)), c) \
+                if lists.is_list_series(series) else series
+        return dispatch.frame_from_columns(df, out)
+
+    def array_transform(self, columns: list[str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        def one(values: Any) -> Any:
+            listed = lists.is_list_type(values.type) if isinstance(values, pa.Array) else \
+                isinstance(values, pd.Series) and lists.is_list_series(values)
+            return self._reshape(lists.list_array(values)) if listed else values
+
+        return lambda arrays: {c: one(arrays[c]) for c in columns}
+
+
+def elementwise_chain(ops: list[Operator], column: str, series: Any) -> Any:
+    """One column through a chain of elementwise ops (``FillMissing >> Clip >> LogOp >> Normalize``) in
+    one pass on one float64 array, each op writing in place: the workflow's fused evaluation, offline and online.
+
+    Args:
+        ops: the chain, first op first (each ``elementwise``).
+        column: the column's name (the ops' stats key).
+        series: its values (pandas / cudf Series).
+
+    Returns:
+        The output array [N] (numpy or cupy).
+    """
+    x, filled = dispatch.float_work_filled(series, ops[0].null_fill(column))  # FillMissing done here
+    for op in ops[1:] if filled else ops:
+        x = op.transform_array(column, x if x.dtype == "float64" else x.astype("float64"))
+    return x
+
+
+# ---- host columns (serving's fast path): arrays <-> the Series the pandas path holds ----------------
+def host_series(values: Any, name: str | None = None) -> pd.Series:
+    """A pandas Series viewing a host column (no copy): arrow arrays arrow-backed, numpy arrays numpy-backed."""
+    if isinstance(values, pa.Array):
+        return pd.Series(pd.arrays.ArrowExtensionArray(values), name=name, copy=False)
+    if isinstance(values, pd.Series):
+        return values if values.name == name else values.rename(name)
+    return pd.Series(values, name=name, copy=False)
+
+
+def host_values(series: Any) -> Any:
+    """The array behind a Series (inverse of :func:`host_series`): a pyarrow Array for an arrow-backed
+    Series, numpy for a numpy-backed one; any other Series (e.g. a masked dtype) stays as it is."""
+    if isinstance(series, (np.ndarray, pa.Array)):
+        return series
+    if isinstance(series.dtype, pd.ArrowDtype):
+        return dispatch.to_arrow(series)
+    if isinstance(series.dtype, np.dtype):
+        return series.to_numpy()
+    return series
+
+
+def host_arrow(values: Any) -> pa.Array:
+    """A host column as an arrow array, as ``dispatch.to_arrow`` sees its Series (numpy NaN -> null)."""
+    if isinstance(values, pa.Array):
+        return values
+    if isinstance(values, np.ndarray):
+        return pa.Array.from_pandas(values)
+    return dispatch.to_arrow(values)

@@ -16,8 +16,10 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import dask
@@ -27,7 +29,7 @@ import pyarrow.compute as pc
 
 from ctrflow.etl import dispatch, lists
 from ctrflow.etl.hashing import hash_values
-from ctrflow.etl.ops.base import Operator
+from ctrflow.etl.ops.base import Operator, host_arrow
 from ctrflow.etl.ops.counts import (
     array_key,
     lookup_values,
@@ -216,10 +218,35 @@ class Categorify(Operator):
             out[col] = dispatch.series_like(series, ids, name=col)
         return dispatch.frame_from_columns(df, out)
 
-    def _encode(self, col: str, dtype: str, flat: pa.Array) -> np.ndarray:
-        """Ids [M] of flat list elements [M] (null elements -> 1)."""
+    def _encode(self, col: str, dtype: str, flat: pa.Array, index: ValueIndex | None = None) -> np.ndarray:
+        """Ids [M] of the values [M] of an arrow array (a list column's flat elements; nulls -> 1)."""
         codes, uniques = dispatch.factorize_arrow(flat)
-        return np.append(self._ids_of(col, uniques), NULL).astype(dtype)[codes]
+        return np.append(self._ids_of(col, uniques, index), NULL).astype(dtype)[codes]
+
+    def array_transform(self, columns: list[str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """:meth:`transform` on host columns, each vocabulary's :class:`ValueIndex` built now (once)."""
+        self._require_fitted()
+        indexes: dict[str, ValueIndex] = {}
+        plan = []
+        for col in columns:
+            key = self._vocab_key(col)
+            if key not in indexes:
+                indexes[key] = ValueIndex(self._vocab_values(key))
+            plan.append((col, id_dtype(self.cardinality(col)), indexes[key]))
+
+        def run(arrays: dict[str, Any]) -> dict[str, Any]:
+            out = {}
+            for col, dtype, index in plan:
+                arr = host_arrow(arrays[col])
+                if lists.is_list_type(arr.type):  # as lists.map_values: the flat values, offsets kept
+                    offsets, flat = lists.flatten(lists.list_array(arr))
+                    ids = self._encode(col, dtype, flat, index)
+                    out[col] = lists.from_flat(offsets, ids, pa.from_numpy_dtype(dtype))
+                else:  # = transform's factorize + _lut (the same ids whichever way the positions are found)
+                    out[col] = self._encode(col, dtype, arr, index)
+            return out
+
+        return run
 
     def _lut(self, col: str, uniques: pa.Array, dtype: str) -> np.ndarray:
         """Ids [len(uniques) + 1] of a partition's distinct values, the last entry for code -1 (null).
@@ -270,18 +297,32 @@ class Categorify(Operator):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_lut_cache": {}}  # process-local (keyed by buffer addresses)
 
-    def _ids_of(self, col: str, uniques: pa.Array) -> np.ndarray:
-        """Ids of distinct values: vocabulary position + first kept id, or the OOV id(s)."""
-        col = self._vocab_key(col)
-        vocab = self._lookup.get(col)
+    def _vocab_values(self, key: str) -> pa.Array:
+        """The vocabulary ``key``'s values in id order (retired ones null), built once per vocabulary."""
+        vocab = self._lookup.get(key)
         if vocab is None:
-            vocab = self._lookup[col] = lookup_values(self.vocabs[col])  # retired values (decay) -> OOV
+            vocab = self._lookup[key] = lookup_values(self.vocabs[key])  # retired values (decay) -> OOV
+        return vocab
+
+    def _ids_of(self, col: str, uniques: pa.Array, index: ValueIndex | None = None) -> np.ndarray:
+        """Ids of distinct values: vocabulary position + first kept id, or the OOV id(s).
+
+        ``index`` (serving): a :class:`ValueIndex` of the vocabulary, kept between calls, finds the
+        positions instead of ``pyarrow.compute.index_in`` (which hashes the whole vocabulary per call).
+        """
+        col = self._vocab_key(col)
+        vocab = self._vocab_values(col)
         if len(uniques) == 0:  # e.g. Dask's meta: index_in would still hash the whole vocabulary
             return np.zeros(0, np.int64)
         uniques = _align_type(uniques, vocab.type)
-        pos = pc.index_in(uniques, value_set=vocab)
-        found = pos.is_valid().to_numpy(zero_copy_only=False)
-        ids = pos.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) + self.first_kept_id
+        if index is not None and index.serves(vocab, uniques):
+            pos = index.positions(uniques)
+            found = pos >= 0
+            ids = np.where(found, pos, 0) + self.first_kept_id
+        else:
+            pos = pc.index_in(uniques, value_set=vocab)
+            found = pos.is_valid().to_numpy(zero_copy_only=False)
+            ids = pos.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) + self.first_kept_id
         if self.num_buckets:
             oov = OOV + hash_values(uniques) % np.uint64(self.num_buckets)
             return np.where(found, ids, oov.astype(np.int64))
@@ -309,3 +350,36 @@ def _align_type(uniques: pa.Array, target: pa.DataType) -> pa.Array:
         return uniques.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return uniques.cast(pa.string()) if pa.types.is_string(target) else uniques
+
+
+class ValueIndex:
+    """Positions of values in a vocabulary through a hash map kept between calls (serving: a request's
+    few distinct values cost a dictionary lookup each, not a hash of the whole vocabulary).
+
+    Holds string and integer vocabularies (a Python dict: about 100 bytes per value); others, and a
+    vocabulary whose values repeat, keep ``pyarrow.compute.index_in`` (``serves`` is False).
+    Same answers as ``index_in``: the first position of an equal value, retired (null) entries never match.
+
+    Args:
+        vocab: the vocabulary's values in id order (``Categorify._vocab_values``).
+    """
+
+    def __init__(self, vocab: pa.Array) -> None:
+        self.vocab = vocab
+        self.type = vocab.type
+        self.map: dict[Any, int] | None = None
+        if pa.types.is_string(vocab.type) or pa.types.is_integer(vocab.type):
+            values = vocab.to_pylist()
+            n = len(values)
+            found = dict(zip(reversed(values), range(n - 1, -1, -1), strict=True))  # the first position wins
+            found.pop(None, None)  # retired values: OOV
+            self.map = found
+
+    def serves(self, vocab: pa.Array, uniques: pa.Array) -> bool:
+        """Whether this index answers for ``vocab`` (unchanged since it was built) and ``uniques``' type."""
+        return self.map is not None and vocab is self.vocab and uniques.type == self.type and not uniques.null_count
+
+    def positions(self, uniques: pa.Array) -> np.ndarray:
+        """Positions [N] (int64, -1 where absent) of distinct non-null values [N]."""
+        keys = uniques.to_numpy(zero_copy_only=False) if pa.types.is_string(self.type) else uniques.to_pylist()
+        return np.fromiter(map(self.map.get, keys, itertools.repeat(-1)), np.int64, len(keys))

@@ -7,12 +7,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ctrflow.etl import dispatch
-from ctrflow.etl.ops.base import Operator
+from ctrflow.etl.ops.base import Operator, host_series
 from ctrflow.etl.stats import merge_columns, merge_sketch_stats, merge_sketches, sketch, sketch_quantiles, tree_reduce
 
 
@@ -73,14 +74,34 @@ class FillMissing(Operator):
         x[x != x] = self._fill(column)  # NaN test that works for numpy and cupy
         return x
 
+    def _filled(self, column: str, series: Any) -> tuple[Any, Any]:
+        """The column's values with nulls filled [N] float64, and its flags [N] float32 (None without them)."""
+        x = dispatch.float_work(series)
+        missing = x != x
+        x[missing] = self._fill(column)
+        return x, (missing.astype(np.float32) if self.add_binary_cols else None)
+
     def transform(self, columns: list[str], df: Any) -> Any:
         self._require_fitted()
         out, flags = {}, {}
         for c in columns:
-            x = dispatch.float_work(df[c])
-            missing = x != x
-            x[missing] = self._fill(c)
-            out[c] = dispatch.series_like(df[c], x, name=c)
-            if self.add_binary_cols:
-                flags[f"{c}_filled"] = dispatch.series_like(df[c], missing.astype(np.float32), name=f"{c}_filled")
+            series = df[c]
+            x, flag = self._filled(c, series)
+            out[c] = dispatch.series_like(series, x, name=c)
+            if flag is not None:
+                flags[f"{c}_filled"] = dispatch.series_like(series, flag, name=f"{c}_filled")
         return dispatch.frame_from_columns(df, {**out, **flags})
+
+    def array_transform(self, columns: list[str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """:meth:`transform` on host columns (serving; the workflow runs an elementwise one as a chain)."""
+        self._require_fitted()
+
+        def run(arrays: dict[str, Any]) -> dict[str, Any]:
+            out, flags = {}, {}
+            for c in columns:
+                out[c], flag = self._filled(c, host_series(arrays[c], c))
+                if flag is not None:
+                    flags[f"{c}_filled"] = flag
+            return {**out, **flags}
+
+        return run

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import pyarrow as pa
 
 from ctrflow.etl import dispatch, lists
 from ctrflow.etl.hashing import combine_hashes, hash_values, null_hash
-from ctrflow.etl.ops.base import Operator
+from ctrflow.etl.ops.base import Operator, host_arrow
 from ctrflow.etl.schema import id_dtype
 
 
@@ -54,23 +55,42 @@ class HashedCross(Operator):
     def cardinality(self, column: str) -> int:
         return self.num_buckets
 
-    def transform(self, columns: list[str], df: Any) -> Any:
-        cols = self._inputs(columns)
-        listed = [c for c in cols if lists.is_list_series(df[c])]
+    def _cross(self, cols: list[str], listed: dict[str, pa.Array], factorize: Callable[[str], tuple]
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Ids of the crossed feature: [N] for scalar columns, or [M] flat ids and offsets [N + 1] when one
+        input is a list column (``listed``: its arrow list array). ``factorize(c)``: a scalar column's
+        ``(codes, uniques)``."""
         if len(listed) > 1:
-            raise ValueError(f"HashedCross crosses at most one list column with scalars, got lists {listed}")
-        offsets = row = None
+            raise ValueError(f"HashedCross crosses at most one list column with scalars, got lists {list(listed)}")
+        offsets = row = flat = None
         if listed:  # each element crossed with its row's scalar values: a list output, same lengths
-            offsets, flat = lists.flatten(lists.list_array(df[listed[0]]))
+            offsets, flat = lists.flatten(next(iter(listed.values())))
             row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         hashes = []
         for c in cols:
-            codes, uniques = dispatch.factorize_arrow(flat) if c in listed else dispatch.factorize(df[c])
+            codes, uniques = dispatch.factorize_arrow(flat) if c in listed else factorize(c)
             lut = np.append(hash_values(uniques), null_hash())
             hashes.append(lut[codes] if row is None or c in listed else lut[codes][row])
-        ids = (combine_hashes(hashes) % np.uint64(self.num_buckets)).astype(id_dtype(self.num_buckets))
+        return (combine_hashes(hashes) % np.uint64(self.num_buckets)).astype(id_dtype(self.num_buckets)), offsets
+
+    def transform(self, columns: list[str], df: Any) -> Any:
+        cols = self._inputs(columns)
+        listed = {c: lists.list_array(df[c]) for c in cols if lists.is_list_series(df[c])}
+        ids, offsets = self._cross(cols, listed, lambda c: dispatch.factorize(df[c]))
         name = self.output_column_names(columns)[0]
         if listed:
             arr = lists.from_flat(offsets, ids, pa.from_numpy_dtype(ids.dtype))
-            return dispatch.frame_from_columns(df, {name: lists.series_from_list(df[listed[0]], arr, name)})
+            like = df[next(iter(listed))]
+            return dispatch.frame_from_columns(df, {name: lists.series_from_list(like, arr, name)})
         return dispatch.frame_from_columns(df, {name: dispatch.series_like(df[cols[0]], ids, name=name)})
+
+    def array_transform(self, columns: list[str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        cols, name = self._inputs(columns), self.output_column_names(columns)[0]
+
+        def run(arrays: dict[str, Any]) -> dict[str, Any]:
+            values = {c: host_arrow(arrays[c]) for c in cols}
+            listed = {c: lists.list_array(v) for c, v in values.items() if lists.is_list_type(v.type)}
+            ids, offsets = self._cross(cols, listed, lambda c: dispatch.factorize_arrow(values[c]))
+            return {name: lists.from_flat(offsets, ids, pa.from_numpy_dtype(ids.dtype)) if listed else ids}
+
+        return run

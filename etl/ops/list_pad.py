@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctrflow.etl import dispatch, lists
-from ctrflow.etl.ops.base import Operator
+import pyarrow as pa
+
+from ctrflow.etl import lists
+from ctrflow.etl.ops.base import ListReshapeOp
 
 
-class ListPad(Operator):
+class ListPad(ListReshapeOp):
     """Pad (and cut) each list to exactly ``length`` elements.
 
     Args:
@@ -26,7 +28,6 @@ class ListPad(Operator):
         value: padding element (cast to each column's element type).
     """
 
-    output_kind = "other"
     fixed_length = True  # the schema's max_length is exactly ``length``, whatever came before
 
     def __init__(self, length: int, value: Any = 0) -> None:
@@ -38,19 +39,9 @@ class ListPad(Operator):
     def params(self) -> dict[str, Any]:
         return {"length": self.length, "value": self.value}
 
-    def source_column(self, column: str, inputs: list[str]) -> str | None:
-        return column  # a reshape: kind and stats come from upstream
-
     def list_max_length(self, column: str) -> int:
         """Every output list has this length."""
         return self.length
 
-    def transform(self, columns: list[str], df: Any) -> Any:
-        out = {}
-        for c in columns:  # scalar columns pass through (e.g. the candidate of a joint Categorify)
-            if lists.is_list_series(df[c]):
-                padded = lists.pad(lists.list_array(df[c]), self.length, self.value)
-                out[c] = lists.series_from_list(df[c], padded, c)
-            else:
-                out[c] = df[c]
-        return dispatch.frame_from_columns(df, out)
+    def _reshape(self, arr: pa.Array) -> pa.Array:
+        return lists.pad(arr, self.length, self.value)

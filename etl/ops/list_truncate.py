@@ -15,19 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctrflow.etl import dispatch, lists
-from ctrflow.etl.ops.base import Operator
+import pyarrow as pa
+
+from ctrflow.etl import lists
+from ctrflow.etl.ops.base import ListReshapeOp
 
 
-class ListTruncate(Operator):
+class ListTruncate(ListReshapeOp):
     """Keep the first (or last) ``max_len`` elements of each list.
 
     Args:
         max_len: longest list kept (>= 1).
         keep: ``"first"`` (head: the newest events of a newest-first sequence) or ``"last"``.
     """
-
-    output_kind = "other"
 
     def __init__(self, max_len: int, keep: str = "first") -> None:
         if int(max_len) < 1:
@@ -40,19 +40,9 @@ class ListTruncate(Operator):
     def params(self) -> dict[str, Any]:
         return {"max_len": self.max_len, "keep": self.keep}
 
-    def source_column(self, column: str, inputs: list[str]) -> str | None:
-        return column  # a reshape: kind and stats come from upstream
-
     def list_max_length(self, column: str) -> int:
         """Upper bound on the output lists' length (the schema's ``max_length``)."""
         return self.max_len
 
-    def transform(self, columns: list[str], df: Any) -> Any:
-        out = {}
-        for c in columns:  # scalar columns pass through (e.g. the candidate of a joint Categorify)
-            if lists.is_list_series(df[c]):
-                cut = lists.truncate(lists.list_array(df[c]), self.max_len, self.keep)
-                out[c] = lists.series_from_list(df[c], cut, c)
-            else:
-                out[c] = df[c]
-        return dispatch.frame_from_columns(df, out)
+    def _reshape(self, arr: pa.Array) -> pa.Array:
+        return lists.truncate(arr, self.max_len, self.keep)

@@ -6,6 +6,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ctrflow.etl.ops.base import Operator
@@ -43,3 +44,9 @@ class Rename(Operator):
 
     def transform(self, columns: list[str], df: Any) -> Any:
         return df[columns].rename(columns={c: self.new_name(c) for c in columns})
+
+    def array_transform(self, columns: list[str]) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        names = [(c, self.new_name(c)) for c in columns]
+        if len({new for _, new in names}) < len(names):
+            return None  # two columns renamed alike: only a frame holds both
+        return lambda arrays: {new: arrays[old] for old, new in names}

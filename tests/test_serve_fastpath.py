@@ -1,0 +1,186 @@
+"""Serving's planned transform (``ctrflow.serve.fast_transform``) equals ``Workflow.transform_frame`` and the
+Dask transform bit for bit, for workflows using every ETL op, on random raw rows with nulls, unseen
+categories, NaN / inf and empty requests; list ops included; an op without an array path falls back."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ctrflow.etl import Dataset, Workflow
+from ctrflow.etl.ops import (
+    Bucketize,
+    Categorify,
+    Clip,
+    FillMissing,
+    HashBucket,
+    HashedCross,
+    Label,
+    ListPad,
+    ListTruncate,
+    LogOp,
+    Normalize,
+    NormalizeMinMax,
+    Operator,
+    QuantileBucketize,
+    Rename,
+)
+from ctrflow.serve import Predictor
+from ctrflow.serve.fast_transform import FastTransform, Processed
+from ctrflow.serve.inputs import to_frame
+
+CATS = ["c1", "c2", "c3", "n1"]  # n1: integer categories
+CONTS = ["x1", "x2", "i1"]  # i1: integers with nulls
+
+
+def _raw(n: int, seed: int, vocab: int = 40) -> dict[str, pa.Array]:
+    """Raw columns as serving validates them: strings, int64, float64 (NaN, ±inf), lists, the label."""
+    rng = np.random.default_rng(seed)
+
+    def strings(k: int, null: float) -> pa.Array:
+        v = [f"v{x}" for x in rng.zipf(1.3, n) % k]
+        return pa.array([None if rng.random() < null else s for s in v], pa.string())
+
+    x1 = rng.normal(3, 5, n)
+    x1[rng.random(n) < 0.1] = np.nan
+    x1[rng.random(n) < 0.03] = np.inf
+    x1[rng.random(n) < 0.03] = -np.inf
+    x1[rng.random(n) < 0.03] = -0.0
+    lens = rng.integers(0, 7, n)
+    hist = [None if rng.random() < 0.1 else [f"v{x % vocab}" if rng.random() > 0.05 else None
+                                              for x in rng.zipf(1.3, k)] for k in lens]
+    nums = [None if rng.random() < 0.1 else [int(x) for x in rng.integers(0, 9, k)] for k in lens]
+    wts = [None if h is None else [float(w) for w in rng.random(len(h))] for h in hist]
+    return {
+        "c1": strings(vocab, 0.1), "c2": strings(vocab * 3, 0.05), "c3": strings(8, 0.0),
+        "n1": pa.array([None if rng.random() < 0.1 else int(v) for v in rng.integers(0, 30, n)], pa.int64()),
+        "x1": pa.array(x1, pa.float64(), from_pandas=False),
+        "x2": pa.array(rng.lognormal(0, 2, n), pa.float64()),
+        "i1": pa.array([None if rng.random() < 0.2 else int(v) for v in rng.integers(-5, 100, n)], pa.int64()),
+        "hist": pa.array(hist, pa.list_(pa.string())), "nums": pa.array(nums, pa.list_(pa.int64())),
+        "hist_weights": pa.array(wts, pa.list_(pa.float64())),
+        "label": pa.array(rng.integers(0, 2, n).astype(np.float64)),
+    }
+
+
+class Doubler(Operator):
+    """A user's op with only a pandas transform (no array path): served through a frame."""
+
+    def transform(self, columns, df):
+        return pd.DataFrame({c: df[c].to_numpy(dtype=np.float64, na_value=np.nan) * 2 for c in columns},
+                            index=df.index)
+
+
+GRAPHS = {
+    "criteo": lambda: ((CATS >> Categorify(freq_threshold=2))
+                       + (["x1", "x2", "i1"] >> FillMissing() >> Clip(min_value=0) >> LogOp() >> Normalize())
+                       + (["label"] >> Label())),
+    "categorify": lambda: ((["c1"] >> Categorify(num_buckets=3, freq_threshold=3))
+                           + (["c2", "n1"] >> Categorify(max_size=20))
+                           + (["c3", "c1"] >> Categorify(encode_type="joint") >> Rename(postfix="_j"))
+                           + (["c2"] >> Categorify() >> Rename({"c2": "c2_id"}))),
+    "hashing": lambda: ((["c1", "n1", "x1"] >> HashBucket({"c1": 7, "n1": 5, "x1": 11}))
+                        + (["c1", "c2"] >> HashedCross(50)) + (["c3", "n1", "i1"] >> HashedCross(13))),
+    "numeric": lambda: ((["x1", "i1"] >> FillMissing(fill_val="median", add_binary_cols=True) >> NormalizeMinMax())
+                        + (["x2"] >> LogOp() >> Clip(max_value=2.5)) + (["x1"] >> Bucketize([-1, 0, 2.5, 10]))
+                        + (["i1", "x2"] >> QuantileBucketize(num_bins=5)) + (["x2"] >> Normalize() >> FillMissing(-1))
+                        + (["i1"] >> Normalize() >> Rename(postfix="_n")) + (["x1"] >> Doubler())
+                        + (["label"] >> Label(task="regression"))),
+    "lists": lambda: ((["hist", "c1"] >> Categorify(vocabulary="items") >> ListTruncate(3) >> ListPad(4))
+                      + (["hist", "hist_weights"] >> ListTruncate(2, keep="last") >> Rename(postfix="_t"))
+                      + (["nums"] >> HashBucket(6) >> ListPad(3, value=-1)) + (["hist", "c3"] >> HashedCross(17))
+                      + (["nums"] >> Categorify(freq_threshold=2)) + ["c2"]),
+}
+
+
+def _fit(graph: str, tmp_path) -> Workflow:
+    """Fitted as the ETL fits: on parquet read through ctrflow's readers; saved and loaded, as a server loads it."""
+    path = tmp_path / f"{graph}.parquet"
+    pq.write_table(pa.table(_raw(3000, 0)), path)
+    wf = Workflow(GRAPHS[graph]())
+    wf.fit(Dataset(str(path)))
+    wf.save(tmp_path / f"wf-{graph}")
+    return Workflow.load(tmp_path / f"wf-{graph}")
+
+
+def _assert_identical(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Same columns, dtypes and values bit for bit (NaN payloads and -0.0 included)."""
+    assert list(got.columns) == list(want.columns)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    for c in want.columns:
+        a, b = got[c].to_numpy(), want[c].to_numpy()
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+            assert a.tobytes() == b.tobytes(), c
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_fast_transform_equals_transform_frame_and_dask(graph, tmp_path, caplog):
+    wf = _fit(graph, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ctrflow.serve"):
+        fast = FastTransform(wf)
+    assert fast.slow_ops == (["Doubler"] if graph == "numeric" else [])
+    assert ("Doubler" in caplog.text) == (graph == "numeric")
+    for seed, n in ((1, 500), (2, 1), (3, 257), (4, 0)):  # seed 3: a wider vocabulary (unseen values)
+        cols = {c: a for c, a in _raw(n, seed, vocab=40 if seed != 3 else 400).items() if c in wf.input_columns}
+        got = fast(cols)
+        assert isinstance(got, Processed) and len(got) == n
+        want = wf.transform_frame(to_frame(cols))
+        _assert_identical(got.to_frame(), want)
+        if n:
+            dask = wf.transform(Dataset(to_frame(cols))).to_ddf().compute().reset_index(drop=True)
+            _assert_identical(got.to_frame(), dask)
+
+
+def test_unseen_null_and_infinite_values_get_the_offline_ids(tmp_path):
+    wf = _fit("criteo", tmp_path)
+    cols = {c: a for c, a in _raw(4, 1).items() if c in wf.input_columns}
+    cols["c1"] = pa.array(["never-seen", None, "v1", "v1"])
+    cols["n1"] = pa.array([10**12, None, 3, -1])
+    cols["x1"] = pa.array([np.inf, -np.inf, np.nan, -0.0])
+    got = FastTransform(wf)(cols).to_frame()
+    assert got["c1"].tolist()[:2] == [2, 1]  # out of vocabulary, null
+    _assert_identical(got, wf.transform_frame(to_frame(cols)))
+
+
+def test_updated_vocabulary_with_retired_values(tmp_path):
+    """Values retired by ``Workflow.update(decay=...)`` map to OOV (nulls in the lookup), as offline."""
+    wf = _fit("categorify", tmp_path)
+    day2 = tmp_path / "day2.parquet"
+    pq.write_table(pa.table(_raw(3000, 7, vocab=400)), day2)
+    wf.update(Dataset(str(day2)), decay=0.01)
+    assert any(op.vocabs[k].num_rows and "retired" in op.vocabs[k].column_names
+               for op in wf.ops if isinstance(op, Categorify) for k in op.vocabs)
+    cols = {c: a for c, a in _raw(800, 8, vocab=400).items() if c in wf.input_columns}
+    _assert_identical(FastTransform(wf)(cols).to_frame(), wf.transform_frame(to_frame(cols)))
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, n_cat: int, n_cont: int) -> None:
+        super().__init__()
+        self.cat = torch.nn.Parameter(torch.linspace(-1, 1, n_cat))
+        self.cont = torch.nn.Parameter(torch.linspace(1, -1, n_cont))
+
+    def forward(self, cat: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+        return (cat.float() % 7 * self.cat).sum(1) + (cont * self.cont).sum(1)
+
+
+def test_predictor_scores_the_planned_transform_like_the_frame(tmp_path):
+    wf = _fit("criteo", tmp_path)
+    schema = wf.output_schema()
+    pred = Predictor(_Linear(len(schema.categorical), len(schema.continuous)), wf, schema, device="cpu",
+                     batch_size=100)
+    assert pred.fast is not None
+    cols = pred.columns(to_frame({c: a for c, a in _raw(333, 5).items() if c in pred.required_columns}))
+    processed = pred.transform_columns(cols)
+    assert isinstance(processed, Processed)
+    want = pred.predict_processed(pred.transform(to_frame(cols)))
+    np.testing.assert_array_equal(pred.predict_processed(processed), want)
+    np.testing.assert_array_equal(pred.score_columns(cols), want)
+    pred.fast = None  # no plan: the frame path answers
+    np.testing.assert_array_equal(pred.score_columns(cols), want)
