@@ -92,12 +92,22 @@ def column_array(col: str, values: Sequence[Any], target: pa.DataType | None, se
 
 
 def _integral_floats(values: Sequence[Any], target: pa.DataType) -> pa.Array | None:
-    """Ints and integral floats as ``target`` in two arrow calls; None when a value is not an integer."""
-    exact = pa.array(values, type=target, from_pandas=True)  # big ints stay exact; 2.5 would truncate to 2 ...
+    """Ints and integral floats as ``target``; None when a value is not an integer.
+
+    Within ±2**53 every integer is exact in float64, so one conversion to float64 and arrow's safe cast
+    (which refuses 2.5, inf) do it: ~8x faster than arrow's int conversion of Python floats. Larger
+    values take that conversion (big ints stay exact), the floats checked for integrality first."""
     as_float = pa.array(values, type=pa.float64(), from_pandas=True)
-    if pc.all(pc.equal(pc.floor(as_float), as_float)).as_py() is False:  # ... so it is refused here
+    bounds = pc.min_max(as_float)
+    lo, hi = bounds["min"].as_py(), bounds["max"].as_py()
+    if lo is None or max(-lo, hi) < 2.0**53:
+        try:
+            return as_float.cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+    if pc.all(pc.equal(pc.floor(as_float), as_float)).as_py() is False:  # 2.5 would truncate to 2
         return None
-    return exact
+    return pa.array(values, type=target, from_pandas=True)
 
 
 def to_frame(arrays: Mapping[str, pa.Array]) -> pd.DataFrame:
