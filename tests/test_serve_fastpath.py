@@ -184,3 +184,25 @@ def test_predictor_scores_the_planned_transform_like_the_frame(tmp_path):
     np.testing.assert_array_equal(pred.score_columns(cols), want)
     pred.fast = None  # no plan: the frame path answers
     np.testing.assert_array_equal(pred.score_columns(cols), want)
+
+
+BODIES = [b'[{"a": 1, "b": "x", "c": 2.5}]', b'[{"a": NaN, "b": null}]', b'[1e400, -1e400, -0.0, 1e-5, 5e-324]',
+          b'{"a": 1, "a": 2}', b'[18446744073709551617, "12345678901234567890123", 9223372036854775807]',
+          b'"\\u00e9\\ud83d\\ude00"', b'"\\ud800"', b'\xef\xbb\xbf[1]', b'[1,]', b'{"rows": [{"x": [1, 2]}]}',
+          b'[' * 5000 + b']' * 5000]
+
+
+@pytest.mark.parametrize("body", BODIES, ids=range(len(BODIES)))
+def test_request_bodies_parse_alike_with_and_without_orjson(body, monkeypatch):
+    import ctrflow.serve.app as app
+
+    def parse() -> str:
+        try:
+            return repr(app.loads_json(body))
+        except (ValueError, RecursionError) as e:
+            return type(e).__name__
+    if app.orjson is None:
+        pytest.skip("orjson is not installed")
+    fast = parse()
+    monkeypatch.setattr(app, "orjson", None)
+    assert fast == parse()
