@@ -14,7 +14,7 @@ Measured side by side in one run, on the same 256-row requests of raw validation
   each request becomes a one-partition Dask dataset, transformed lazily and computed, then scored.
 
 Then the per-stage split of one request (``stages``, CPU ms of the calling thread, median, in-process,
-one thread): JSON parse, validation into typed columns, the server's transform
+one thread): JSON parse (the server's: orjson when installed), validation into typed columns, the server's transform
 (``Predictor.transform_columns``: the plan made at load time) of one request and of a batch of
 ``--clients`` requests (what the server's batcher runs), the same through a pandas frame
 (``to_frame`` + ``Workflow.transform_frame``, the reference path), the model on the two sizes.
@@ -185,6 +185,7 @@ def in_process(fn, reqs: list[list[dict]], rows: int) -> dict[str, Any]:
 
 def stage_split(pred: Any, reqs: list[list[dict]], batch: int, repeat: int = 20) -> dict[str, float]:
     """Median thread CPU ms of each stage a request goes through (see the module docstring)."""
+    from ctrflow.serve.app import loads_json  # the server's parser: orjson when installed
     from ctrflow.serve.inputs import concat_columns, to_frame
 
     bodies = [json.dumps(r).encode() for r in reqs[:repeat]]
@@ -202,7 +203,7 @@ def stage_split(pred: Any, reqs: list[list[dict]], batch: int, repeat: int = 20)
     stacked = [concat_columns((cols * batch)[i:i + batch]) for i in range(0, len(cols), max(1, len(cols) // 4))]
     frames, big = [to_frame(c) for c in cols], [to_frame(c) for c in stacked]
     done, done_big = [pred.transform_columns(c) for c in cols], [pred.transform_columns(c) for c in stacked]
-    return {"json_parse": ms(json.loads, bodies), "validate": ms(pred.columns, docs),
+    return {"json_parse": ms(loads_json, bodies), "validate": ms(pred.columns, docs),
             "transform_1": ms(pred.transform_columns, cols), f"transform_{batch}": ms(pred.transform_columns, stacked),
             "to_frame": ms(to_frame, cols), "transform_frame_1": ms(pred.transform, frames),
             f"transform_frame_{batch}": ms(pred.transform, big), "model_1": ms(pred.predict_processed, done),

@@ -91,30 +91,38 @@ class FastTransform:
     Args:
         workflow: a fitted workflow. Plan after its last ``fit`` / ``update``: the plan holds its
             lookup tables (a Categorify whose vocabulary changed since falls back to ``index_in``).
+        outputs: the output columns to make (default: all, in the workflow's order); the ops that only
+            feed others (e.g. ``Label`` for a predictor, whose model never reads the label) are left out.
 
     Attributes:
         slow_ops: names of the ops that run their pandas transform on a frame (no array path).
     """
 
-    def __init__(self, workflow: Workflow) -> None:
+    def __init__(self, workflow: Workflow, outputs: list[str] | None = None) -> None:
         if not workflow.fitted:
             raise RuntimeError("FastTransform of an unfitted workflow: fit it on a dataset first")
         schema = workflow.output_schema()
-        self.input_columns = workflow.input_columns
+        self.outputs = list(workflow.output_columns if outputs is None else outputs)
+        unknown = [c for c in self.outputs if c not in workflow.output_columns]
+        if unknown:
+            raise ValueError(f"the workflow makes no output column(s) {unknown}")
         # The workflow's final cast (Workflow._partition_fn): every column but kind other / list.
         self.cast = [(c.name, c.dtype, _numpy_dtype(c.dtype)) for c in schema.columns
-                     if c.kind not in ("other", "list") and c.dtype]
-        nodes = list(workflow.output_node.walk())
+                     if c.kind not in ("other", "list") and c.dtype and c.name in self.outputs]
+        nodes = _needed(workflow.output_node, set(self.outputs))
+        self.input_columns = [c for c in workflow.input_columns
+                              if any(n.selector is not None and c in n.selector.names for n in nodes)]
         index = {id(n): i for i, n in enumerate(nodes)}
         consumers = [0] * len(nodes)
         for n in nodes:
             for p in n.parents:
-                consumers[index[id(p)]] += 1
+                if id(p) in index:  # a concat node's parents that give no needed column are left out
+                    consumers[index[id(p)]] += 1
         steps: dict[int, tuple] = {}
         chains: dict[int, list[Any]] = {}  # node -> its fused chain of elementwise ops
         self.slow_ops: list[str] = []
         for i, n in enumerate(nodes):
-            parents = [index[id(p)] for p in n.parents]
+            parents = [index[id(p)] for p in n.parents if id(p) in index]
             if n.selector is not None:
                 steps[i] = ("select", parents, list(n.selector.names))
             elif n.op is None:
@@ -178,11 +186,11 @@ class FastTransform:
                 env[i] = _frame_step(arg[0], arg[1], inp, n)
             else:
                 env[i] = inp
-        return Processed(self._cast(env[self.root]), n)
+        out = env[self.root]
+        return Processed(self._cast({c: out[c] for c in self.outputs}), n)
 
     def _cast(self, out: dict[str, Any]) -> dict[str, Any]:
-        """The workflow's final ``astype`` to the schema's dtypes, column by column."""
-        out = dict(out)
+        """The workflow's final ``astype`` to the schema's dtypes, column by column (in place)."""
         for c, t, nt in self.cast:
             v = out[c]
             if isinstance(v, np.ndarray) and nt is not None:
@@ -197,15 +205,37 @@ class FastTransform:
         return out
 
 
-def plan(workflow: Workflow) -> FastTransform | None:
-    """The workflow's :class:`FastTransform`, or None (logged once) when no plan can be made: the caller then
-    runs ``Workflow.transform_frame``."""
+def plan(workflow: Workflow, outputs: list[str] | None = None) -> FastTransform | None:
+    """The workflow's :class:`FastTransform` (of ``outputs``), or None (logged once) when no plan can be made:
+    the caller then runs ``Workflow.transform_frame``."""
     try:
-        return FastTransform(workflow)
+        return FastTransform(workflow, outputs)
     except Exception as e:  # noqa: BLE001 - a plan that cannot be made must not stop serving
         log.warning("serving: no fast transform plan (%s: %s); requests use Workflow.transform_frame",
                     type(e).__name__, e)
         return None
+
+
+def _needed(root: Any, columns: set[str]) -> list[Any]:
+    """The graph's nodes that ``columns`` of ``root``'s output depend on, parents first (``Node.walk``'s order).
+
+    A concat node (no op) needs only the parents that give one of the columns it must give (the last
+    parent holding a name gives its value); an op node needs every parent (all its input columns).
+    """
+    want: dict[int, set[str]] = {id(root): columns}
+    order = list(root.walk())
+    for n in reversed(order):  # children before parents
+        cols = want.get(id(n))
+        if cols is None:
+            continue
+        if n.op is None and n.selector is None:
+            for c in cols:
+                giver = next(p for p in reversed(n.parents) if c in p.output_columns)
+                want.setdefault(id(giver), set()).add(c)
+        else:
+            for p in n.parents:
+                want.setdefault(id(p), set()).update(p.output_columns)
+    return [n for n in order if id(n) in want]
 
 
 def _frame_step(op: Any, columns: list[str], inp: dict[str, Any], n: int) -> dict[str, Any]:

@@ -133,7 +133,7 @@ class Predictor:
         # Columns the ETL split from delimited strings ('--list-cols COL:SEP'): requests may send either form.
         seps = workflow.meta.get("list_separators") or {}
         self.separators = {c: s for c, s in seps.items() if is_list_target(self.input_types.get(c))}
-        self.fast = plan(workflow)  # None: every request goes through transform_frame
+        self.fast = plan(workflow, [*self.categorical, *self.continuous, *self.list_dtypes])  # None: transform_frame
 
     def _check_cardinalities(self) -> None:
         """Refuse a workflow whose ids outgrew the model's tables (e.g. updated after training)."""
@@ -281,9 +281,9 @@ class Predictor:
             raise ServeError(f"the workflow cannot transform these rows: {e}") from None
 
     def transform_columns(self, columns: Mapping[str, pa.Array]) -> Processed | pd.DataFrame:
-        """The workflow applied to validated columns (:meth:`columns`) by the plan made at load time
-        (:class:`~ctrflow.serve.fast_transform.FastTransform`; the same values as :meth:`transform` of
-        ``to_frame(columns)``, which runs instead when no plan could be made)."""
+        """The model's input columns of the workflow applied to validated columns (:meth:`columns`), by the
+        plan made at load time (:class:`~ctrflow.serve.fast_transform.FastTransform`; the values of
+        :meth:`transform` of ``to_frame(columns)``, which runs instead when no plan could be made)."""
         if self.fast is None:
             return self.transform(to_frame(columns))
         try:

@@ -135,6 +135,8 @@ def test_fast_transform_equals_transform_frame_and_dask(graph, tmp_path, caplog)
         if n:
             dask = wf.transform(Dataset(to_frame(cols))).to_ddf().compute().reset_index(drop=True)
             _assert_identical(got.to_frame(), dask)
+        some = wf.output_columns[::-2]  # a subset, reordered: only the ops they need run
+        _assert_identical(FastTransform(wf, some)(cols).to_frame(), want[some])
 
 
 def test_unseen_null_and_infinite_values_get_the_offline_ids(tmp_path):
@@ -175,7 +177,8 @@ def test_predictor_scores_the_planned_transform_like_the_frame(tmp_path):
     schema = wf.output_schema()
     pred = Predictor(_Linear(len(schema.categorical), len(schema.continuous)), wf, schema, device="cpu",
                      batch_size=100)
-    assert pred.fast is not None
+    assert pred.fast is not None and "label" not in pred.fast.outputs  # the model does not read it: not made
+    assert "label" not in pred.fast.input_columns and len(pred.fast.steps) < len(FastTransform(wf).steps)
     cols = pred.columns(to_frame({c: a for c, a in _raw(333, 5).items() if c in pred.required_columns}))
     processed = pred.transform_columns(cols)
     assert isinstance(processed, Processed)
