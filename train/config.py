@@ -55,6 +55,8 @@ class TrainConfig:
         stop_after: stop (and checkpoint) once the run reaches this step, leaving the schedule as it is, so
             that a resumed run continues exactly as the uninterrupted one (None: run to the end).
         grad_accum: batches per optimizer step.
+        micro_batch: rows per forward/backward slice of a batch (None: :data:`ctrflow.train.micro.AUTO_ROWS`
+            on the CPU for models without BatchNorm; 0: batches whole); the same gradient in less memory.
         eval_every: evaluate every N steps (0: only at the end of each epoch).
         log_every: a log line / ``metrics.jsonl`` record every N steps.
         checkpoint_every: also checkpoint every N steps (0: only at evaluations and the end of each epoch).
@@ -89,6 +91,7 @@ class TrainConfig:
     max_steps: int | None = None
     stop_after: int | None = None
     grad_accum: int = 1
+    micro_batch: int | None = None
     eval_every: int = 0
     log_every: int = 50
     checkpoint_every: int = 500
@@ -114,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"select must be auto, none or one of {', '.join(HIGHER_IS_BETTER)}, got {self.select!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.micro_batch is not None and self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0 (0: never split), got {self.micro_batch}")
         for name in ("max_steps", "stop_after"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -271,7 +271,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         target=_target(a, schema) if a.task == "regression" else None,
         weight_decay=a.weight_decay, embedding_l2=a.embedding_l2,
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
-        max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum,
+        max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum, micro_batch=a.micro_batch,
         eval_every=_eval_every(a, batches), log_every=a.log_every, checkpoint_every=a.checkpoint_every,
         keep_checkpoints=a.keep, amp=amp, device=str(device), progress=False if a.no_progress else None,
         extra={"argv": {k: v for k, v in vars(a).items()}, "data": os.path.abspath(a.data)},

@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-lr-factor", type=float, default=D["min_lr_factor"],
                    help="the decay ends at this share of the lr")
     p.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="batches per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=D["micro_batch"], metavar="ROWS",
+                   help="rows per forward/backward slice of a batch: the same gradient in less memory (default: "
+                        "32768 on the CPU when the batch is larger and the model has no BatchNorm; 0: never split)")
     p.add_argument("--embedding-dim", type=int, default=None,
                    help=f"DLRM: every table's dim (default {DLRM_EMBEDDING_DIM}); tabular: cap of the schema's dims "
                         f"(default {TABULAR_MAX_DIM}; the seed notebook used 16); dcn: as tabular")
@@ -142,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_steps", "stop_after", "threads", "embedding_dim", "patience"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.micro_batch is not None and a.micro_batch < 0:
+        p.error(f"--micro-batch must be >= 0 (0: never split), got {a.micro_batch}")
     if a.y_range not in ("auto", "none"):
         try:
             lo, hi = (float(v) for v in a.y_range.split(","))

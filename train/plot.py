@@ -60,7 +60,8 @@ def plot_curves(path: str, panels: Sequence[tuple[str, Sequence[Series]]], mark:
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
+            if ax.get_legend_handles_labels()[0]:  # nothing drawn (e.g. a one-step run): no empty legend
+                ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)

@@ -34,6 +34,7 @@ from ctrflow.train import ddp
 from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
 from ctrflow.train.evaluation import Evaluating
 from ctrflow.train.hooks import call_hook
+from ctrflow.train.micro import micro_batch_rows, split_batch
 from ctrflow.train.optim import build_optimizers, lr_factor, set_step_rows
 from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
@@ -136,6 +137,22 @@ class Trainer(Resumable, Evaluating):
                 return loss["loss"] if isinstance(loss, dict) else loss
             return self._loss(*self._forward(batch))
 
+    def _forward_backward(self, batch: Any) -> torch.Tensor:
+        """The batch's loss, its gradient accumulated into the parameters; in micro-batches when set
+        (:mod:`ctrflow.train.micro`: each slice's mean loss weighted by its share of the batch)."""
+        parts = split_batch(batch, self._micro) if getattr(self, "_micro", 0) else [batch]
+        if len(parts) == 1:
+            loss = self.training_step(batch, self.batch_in_epoch)
+            (loss / self.cfg.grad_accum).backward()
+            return loss
+        total, n = None, len(batch)
+        for part in parts:
+            share = len(part) / n
+            loss = self.training_step(part, self.batch_in_epoch)
+            (loss * (share / self.cfg.grad_accum)).backward()
+            total = loss.detach() * share if total is None else total + loss.detach() * share
+        return total
+
     def _set_lr(self) -> float:
         if self.schedulers:
             return self.optimizers[0].param_groups[0]["lr"]
@@ -217,6 +234,11 @@ class Trainer(Resumable, Evaluating):
                 self.sync = ddp.wrap_model(self.model, self.device)
                 self.net = self.sync.net if self.sync is not None else self.model
         self._match_world(steps_per_epoch)  # resumed with another number of ranks
+        self._micro = micro_batch_rows(cfg.micro_batch, cfg.batch_size, self.device, self.model, ddp.world_size(),
+                                       hasattr(self.model, "training_step"))
+        if self._micro:
+            self._say(None, f"micro-batches of {self._micro:,} rows per forward/backward (one optimizer step per "
+                      f"batch of {cfg.batch_size:,}; --micro-batch 0 runs batches whole)")
         self._trackers = []
         if self.out_dir and self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -265,9 +287,8 @@ class Trainer(Resumable, Evaluating):
                         else:
                             self.model.check_input(batch.categorical, batch.continuous)
                         checked_first = True
-                    loss = self.training_step(batch, self.batch_in_epoch)
+                    loss = self._forward_backward(batch)
                     self.batch_in_epoch += 1
-                    (loss / cfg.grad_accum).backward()
                     rows = len(batch) if hasattr(batch, "__len__") else 0
                     rows_total += rows
                     win_rows += rows
