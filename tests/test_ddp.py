@@ -293,6 +293,23 @@ def test_synced_gradients_equal_the_full_batch_gradient(tmp_path):
             want = q.grad.to_dense() if q.grad.is_sparse else q.grad
             if not torch.allclose(got, want, atol=1e-6, rtol=1e-5):
                 bad.append(name)
+        # CowClip's lookup counts survive the exchange: those of one process on all 64 rows ...
+        from ctrflow.train.optim import build_optimizers, row_counts
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            if p.grad is not None and p.grad.is_sparse:
+                qi = q.grad._indices()
+                want = torch.sparse_coo_tensor(qi, torch.ones(qi.shape[1]), (q.shape[0],)).coalesce()
+                got = row_counts(p, p.grad._nnz(), p.grad._values())
+                if not torch.equal(p.grad._indices()[0], want.indices()[0]) or not torch.equal(got, want.values()):
+                    bad.append(name + " counts")
+        # ... so the clipped, regularised step is one process's step too.
+        for m in (ref, model):
+            for o in build_optimizers(m, "adam", lr=0.01, embedding_lr=0.05, embedding_clip=1.0,
+                                      embedding_l2=1e-3, rows_per_step=64):
+                o.step()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            if not torch.allclose(p, q, atol=1e-6, rtol=1e-5):
+                bad.append(name + " after step")
         print(f"rank {rank} mismatched: {bad}")
         # Drop DDP's reducer before the process group, as fit.py does (its trainer is gone by then):
         # a reducer destroyed at interpreter exit, after the group, can abort the process.

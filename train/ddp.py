@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ctrflow.models.embedding import sparse_embedding_modules
+from ctrflow.train.optim import set_row_counts
 
 
 def env_world_size() -> int:
@@ -146,21 +147,33 @@ def all_values(value: int) -> list[int]:
     return [int(v) for v in all_gather_varlen(torch.tensor([int(value)])).tolist()]
 
 
-def average_sparse(grad: torch.Tensor, world: int) -> torch.Tensor:
-    """The mean over ranks of a sparse row gradient, identical on every rank.
+def average_sparse(grad: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean over ranks of a sparse row gradient, identical on every rank, and each row's lookups.
 
     Args:
-        grad: this rank's sparse COO gradient of a [R, D] weight (duplicates allowed).
+        grad: this rank's sparse COO gradient of a [R, D] weight (duplicates allowed: one per lookup).
         world: number of ranks (W).
 
     Returns:
-        Coalesced sparse [R, D]: rows used on any rank, values ``sum_r g_r[row] / W``.
+        ``(avg, counts)``: coalesced sparse [R, D] over the rows used on any rank, values
+        ``sum_r g_r[row] / W``; and counts [U], the lookups of each of those rows over all ranks, in the
+        order of ``avg``'s indices (CowClip's ``cnt``: the optimizer cannot count them in a coalesced
+        gradient, :func:`ctrflow.train.optim.set_row_counts`).
     """
-    g = grad.coalesce()  # one row per id before the exchange: less traffic
-    idx = all_gather_varlen(g.indices()[0])
-    val = all_gather_varlen(g.values())
+    idx, val = grad._indices(), grad._values()
+    ones = torch.ones((idx.shape[1], 1), dtype=val.dtype, device=val.device)
+    # One row per id before the exchange (less traffic), the lookup count riding as one more column.
+    local = torch.sparse_coo_tensor(idx, torch.cat((val.reshape(idx.shape[1], -1), ones), 1),
+                                    (grad.shape[0], val[0].numel() + 1 if val.dim() > 1 else 2),
+                                    check_invariants=False).coalesce()
+    ids = all_gather_varlen(local.indices()[0])
+    both = all_gather_varlen(local.values())
     # Coalescing the gathered rows (sorted, summed in a fixed order) gives every rank the same bytes.
-    return torch.sparse_coo_tensor(idx[None], val / world, grad.shape, check_invariants=False).coalesce()
+    merged = torch.sparse_coo_tensor(ids[None], both, local.shape, check_invariants=False).coalesce()
+    vals = merged.values()
+    avg = torch.sparse_coo_tensor(merged.indices(), (vals[:, :-1] / world).reshape(-1, *grad.shape[1:]),
+                                  grad.shape, check_invariants=False)
+    return avg._coalesced_(True), vals[:, -1].contiguous()
 
 
 class GradSync:
@@ -207,7 +220,8 @@ class GradSync:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
                 continue
-            p.grad = average_sparse(p.grad, self.world)
+            p.grad, counts = average_sparse(p.grad, self.world)
+            set_row_counts(p, counts)
         if self.dense:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.dense]
             flat = torch.cat([g.reshape(-1) for g in grads])

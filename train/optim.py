@@ -20,6 +20,7 @@ Dense gradients are accepted too (every row is then "used"), so they also work o
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -64,8 +65,8 @@ def set_step_rows(optimizers: Iterable[torch.optim.Optimizer], rows: float) -> N
     The trainer's loss is a batch mean, so row ``j``'s gradient is ~``cnt_j / B`` of a per-row one; the clip
     limit ``r * cnt_j / B * max(||w_j||, zeta)`` is CowClip's (a summed loss's) in those units. Call before
     ``step()`` with the batch times gradient accumulation, times ranks (their gradients are averaged).
-    Other optimizers are left alone. (Under torchrun the averaged gradient arrives coalesced, so every count
-    reads 1 there: ``ddp.average_sparse`` does not carry them.)
+    Other optimizers are left alone. (Under torchrun the averaged gradient arrives coalesced; the exchange
+    hands each row's lookups over all ranks to the optimizer with :func:`set_row_counts`.)
     """
     if rows <= 0:
         raise ValueError(f"rows must be > 0, got {rows}")
@@ -73,6 +74,24 @@ def set_step_rows(optimizers: Iterable[torch.optim.Optimizer], rows: float) -> N
         if isinstance(opt, _RowOptimizer):
             for g in opt.param_groups:
                 g["clip_rows"] = float(rows)
+
+
+def set_row_counts(p: torch.Tensor, counts: torch.Tensor) -> None:
+    """Lookups [U] behind each row of ``p``'s current *coalesced* sparse gradient (its index order).
+
+    A coalesced gradient has one entry per row, so CowClip's ``cnt_j`` cannot be read from it; whoever
+    coalesced it (``ctrflow.train.ddp``'s exchange) hands the counts over here. They count only for the
+    gradient object ``p.grad`` is now (a later gradient falls back to one lookup per row).
+    """
+    p._ctrflow_row_counts = (weakref.ref(p.grad), counts)
+
+
+def row_counts(p: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The counts :func:`set_row_counts` left for ``p``'s current gradient, else ones [n] (dtype of ``like``)."""
+    entry = getattr(p, "_ctrflow_row_counts", None)
+    if entry is not None and entry[0]() is p.grad and entry[1].numel() == n:
+        return entry[1].to(like.dtype)
+    return torch.ones(n, dtype=like.dtype, device=like.device)
 
 
 class _RowOptimizer(torch.optim.Optimizer):
@@ -91,7 +110,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         val = grad._values()
         want = group is not None and (group.get("clip", 0) > 0 or group.get("l2", 0) > 0)
         if grad.is_coalesced():
-            counts = torch.ones(idx.numel(), dtype=val.dtype, device=val.device) if want else None
+            counts = row_counts(p, idx.numel(), val) if want else None
             return (idx, self._regularise(p, idx, val, counts, group)) if want else (idx, val)
         # Scratch space (4 bytes per row, not checkpointed) for unique_rows; int32 positions.
         scratch = self.__dict__.setdefault("_scratch", {})
