@@ -85,6 +85,13 @@ class Processed:
                             copy=False)
 
 
+def column_numpy(processed: pd.DataFrame | Processed, name: str, dtype: Any = None) -> np.ndarray:
+    """A processed column as numpy, from a :class:`Processed` or a DataFrame (``Series.to_numpy(dtype=dtype)``)."""
+    if isinstance(processed, Processed):
+        return processed.numpy(name, dtype)
+    return processed[name].to_numpy(dtype=dtype)
+
+
 class FastTransform:
     """A fitted workflow's transform, planned once, on host columns.
 

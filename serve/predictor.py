@@ -33,7 +33,7 @@ from ctrflow.etl.ops import Categorify, Label
 from ctrflow.etl.schema import Schema, SchemaError
 from ctrflow.etl.versions import library_versions
 from ctrflow.etl.workflow import Workflow, WorkflowError
-from ctrflow.serve.fast_transform import Processed, plan
+from ctrflow.serve.fast_transform import Processed, column_numpy, log, plan
 from ctrflow.serve.inputs import (
     ServeError,
     arrow_type,
@@ -235,13 +235,9 @@ class Predictor:
         """Processed columns -> (categorical [B, n_cat], continuous [B, n_cont]) column-major views, as the
         loader yields them."""
         n = len(processed)
-        if isinstance(processed, Processed):
-            col = processed.numpy
-        else:
-            def col(c: str, dtype: Any = None) -> np.ndarray:
-                return processed[c].to_numpy(dtype=dtype)
-        cat = np.stack([col(c) for c in self.categorical]) if self.categorical else np.zeros((0, n), np.int32)
-        cont = np.stack([col(c, np.float32) for c in self.continuous]) if self.continuous \
+        cat = np.stack([column_numpy(processed, c) for c in self.categorical]) if self.categorical \
+            else np.zeros((0, n), np.int32)
+        cont = np.stack([column_numpy(processed, c, np.float32) for c in self.continuous]) if self.continuous \
             else np.zeros((0, n), np.float32)
         return torch.from_numpy(cat).t(), torch.from_numpy(cont).t()
 
@@ -290,6 +286,10 @@ class Predictor:
             return self.fast(columns)
         except (TypeError, ValueError) as e:  # an op refusing a value the parser let through
             raise ServeError(f"the workflow cannot transform these rows: {e}") from None
+        except Exception:  # a fault of the plan, not of the rows: said once, the frame path serves from now on
+            log.exception("serving: the planned transform failed; Workflow.transform_frame serves from now on")
+            self.fast = None
+            return self.transform(to_frame(columns))
 
     def predict(self, rows: pd.DataFrame | Sequence[Mapping[str, Any]], field: str = "rows") -> np.ndarray:
         """Scores of raw rows: probabilities (binary) or values (regression).

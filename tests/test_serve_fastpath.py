@@ -194,6 +194,22 @@ def test_predictor_scores_the_planned_transform_like_the_frame(tmp_path):
     np.testing.assert_array_equal(pred.score_columns(cols), want)
 
 
+def test_a_faulty_plan_hands_over_to_the_frame_path(tmp_path, caplog):
+    wf = _fit("criteo", tmp_path)
+    schema = wf.output_schema()
+    pred = Predictor(_Linear(len(schema.categorical), len(schema.continuous)), wf, schema, device="cpu")
+    cols = pred.columns(to_frame({c: a for c, a in _raw(50, 5).items() if c in pred.required_columns}))
+    want = pred.score_columns(cols)
+
+    def broken(columns):
+        raise KeyError("a bug")
+
+    pred.fast = broken
+    with caplog.at_level(logging.ERROR, logger="ctrflow.serve"):
+        np.testing.assert_array_equal(pred.score_columns(cols), want)
+    assert pred.fast is None and "transform_frame serves from now on" in caplog.text
+
+
 BODIES = [b'[{"a": 1, "b": "x", "c": 2.5}]', b'[{"a": NaN, "b": null}]', b'[1e400, -1e400, -0.0, 1e-5, 5e-324]',
           b'{"a": 1, "a": 2}', b'[18446744073709551617, "12345678901234567890123", 9223372036854775807]',
           b'"\\u00e9\\ud83d\\ude00"', b'"\\ud800"', b'\xef\xbb\xbf[1]', b'[1,]', b'{"rows": [{"x": [1, 2]}]}',
