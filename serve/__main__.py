@@ -4,6 +4,7 @@ Commands::
 
     python -m ctrflow.serve --run runs/dlrm-20261123                      # http://127.0.0.1:8000/docs
     python -m ctrflow.serve --run runs/a --host 0.0.0.0 --port 9000 --token-file /etc/ctrflow/token --device cuda
+    python -m ctrflow.serve --run runs/a --processes 2      # two server processes on one port (one per core)
     curl -s localhost:8000/metadata          # the columns a row needs (every one: null for a missing value)
 
 With ``--token-file PATH`` (or ``$CTRFLOW_SERVE_TOKEN``) every request but ``GET /health`` needs
@@ -20,11 +21,14 @@ import errno
 import ipaddress
 import socket
 import sys
+from typing import Any
 
 from ctrflow.etl.cli_help import DefaultsHelpFormatter, usage_name
 from ctrflow.serve.access import TOKEN_ENV, load_token
 from ctrflow.serve.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_ROWS  # no FastAPI needed
 from ctrflow.serve.predictor import DEFAULT_BATCH_SIZE
+from ctrflow.serve.processes import parse_processes, run_processes
+from ctrflow.serve.server import build, info, run_uvicorn, serve_child
 
 CONSOLE_SCRIPT = "ctrflow-serve"  # pyproject's [project.scripts] name for main()
 
@@ -67,7 +71,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="score each request on its own (default: concurrent requests share model calls)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's newest)")
     p.add_argument("--data", default=None, help="processed dataset dir, if it moved since training")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--processes", default="1",
+                   help="server processes sharing the port, each with the model loaded and its own limits "
+                   "(auto: one per usable core); see ctrflow.serve.processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: torch's for one process, cores // processes for more)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level")
     return p
@@ -86,6 +94,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         p.error(f"--port must be in 0..65535, got {a.port}")
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
+    try:
+        a.processes = parse_processes(a.processes)
+    except ValueError as e:
+        p.error(f"--processes {a.processes}: {str(e).replace('invalid literal for int() with base 10', 'not a count')}")
     return a
 
 
@@ -125,6 +137,16 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _banner(a: argparse.Namespace, info: dict[str, Any], port: int, token: str | None) -> None:
+    shown = f"[{a.host}]" if ":" in a.host else a.host
+    procs = f" ({a.processes} processes)" if a.processes > 1 else ""
+    print(f"serving {info.get('model_class')} from {info.get('checkpoint')} on {info.get('device')} at "
+          f"http://{shown}:{port}{procs} (docs: /docs){'; bearer token required' if token else ''}", file=sys.stderr)
+    if token is None and not _is_loopback(a.host):
+        print(f"warning: listening on {a.host} without a token: anyone who can reach port {port} can call the API "
+              f"(--token-file PATH or ${TOKEN_ENV})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 after a clean shutdown, 2 for bad input)."""
     from ctrflow.serve.inputs import ServeError
@@ -132,40 +154,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a = parse_args(argv)
         try:
-            import uvicorn
+            import uvicorn  # noqa: F401 - checked here: one line when the serve extra is missing
 
-            from ctrflow.serve.app import create_app
+            from ctrflow.serve.app import create_app  # noqa: F401
         except ImportError as e:
             raise UsageError(f"serving needs FastAPI and uvicorn ({e}): pip install 'ctrflow[serve]'") from None
-        import torch
-
-        from ctrflow.serve.predictor import Predictor
-
         token = load_token(a.token_file)
         sock = bind(a.host, a.port)  # before the (slow) model load: a busy port fails at once
+        port = sock.getsockname()[1]
+        if a.processes > 1:
+            return run_processes(sock, a.processes, serve_child, (a, token),
+                                 on_ready=lambda first: _banner(a, first, port, token))
         try:
-            if a.threads:
-                torch.set_num_threads(a.threads)
-            predictor = Predictor.from_run(a.run, device=a.device, batch_size=a.batch_size,
-                                           checkpoint=a.checkpoint, data_dir=a.data)
-            app = create_app(predictor, max_rows=a.max_rows, max_bytes=a.max_bytes, batching=not a.no_batching,
-                             max_in_flight=a.max_in_flight, token=token)
+            predictor, app = build(a, token, a.threads)
         except BaseException:
             sock.close()
             raise
     except (UsageError, ServeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info, port = predictor.info, sock.getsockname()[1]
-    shown = f"[{a.host}]" if ":" in a.host else a.host
-    print(f"serving {info.get('model_class')} from {info.get('checkpoint')} on {predictor.device} at "
-          f"http://{shown}:{port} (docs: /docs){'; bearer token required' if token else ''}", file=sys.stderr)
-    if token is None and not _is_loopback(a.host):
-        print(f"warning: listening on {a.host} without a token: anyone who can reach port {port} can call the API "
-              f"(--token-file PATH or ${TOKEN_ENV})", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=port, log_level=a.log_level))
+    _banner(a, info(predictor), port, token)
     try:
-        server.run(sockets=[sock])
+        run_uvicorn(app, sock, a)
     except KeyboardInterrupt:
         return 130
     finally:

@@ -119,8 +119,8 @@ def public_metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes: int = DEFAULT_MAX_BYTES,
-               batching: bool = True, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, token: str | None = None
-               ) -> FastAPI:
+               batching: bool = True, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, token: str | None = None,
+               processes: int = 1) -> FastAPI:
     """Build the app around a loaded :class:`Predictor`.
 
     Args:
@@ -134,6 +134,8 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
             counted, so ``/health`` answers under load).
         token: the bearer token every request but ``GET /health`` must send (None: none needed); see
             :func:`ctrflow.serve.access.load_token`.
+        processes: how many server processes share the port (``--processes``; shown by ``/metadata``, whose
+            ``server.pid`` names the process that answered). Limits and batching are per process.
 
     Returns:
         The FastAPI application (run it with uvicorn, or call it with ``fastapi.testclient.TestClient``).
@@ -241,6 +243,7 @@ def create_app(predictor: Predictor, max_rows: int = DEFAULT_MAX_ROWS, max_bytes
                          "model_calls": batcher.batches if batcher else None,
                          "requests": batcher.requests if batcher else None}
         return {**public_metadata(predictor.metadata()), "batching": batching_info,
+                "server": {"processes": processes, "pid": os.getpid()},
                 "access": {"token_required": token is not None, "content_type": "application/json"},
                 "limits": {"max_rows": max_rows, "max_bytes": max_bytes, "max_in_flight": max_in_flight,
                            "in_flight": limits.in_flight, "rejected_too_large": limits.too_large,

@@ -1,0 +1,76 @@
+"""One server process's work: load the run, build the app, serve a socket with uvicorn.
+
+Shared by ``python -m ctrflow.serve`` (one process) and each child of ``--processes N``
+(:func:`serve_child`, which ``multiprocessing``'s spawn finds here: it cannot import a package's ``__main__``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from typing import Any
+
+from ctrflow.serve.processes import die_with_parent, threads_per_process
+
+
+def build(a: argparse.Namespace, token: str | None, threads: int | None, processes: int = 1) -> tuple[Any, Any]:
+    """Load the run and build the app (one server process's work before it serves).
+
+    Returns:
+        (the :class:`~ctrflow.serve.predictor.Predictor`, the FastAPI app).
+    """
+    import torch
+
+    from ctrflow.serve.app import create_app
+    from ctrflow.serve.predictor import Predictor
+
+    if threads:
+        torch.set_num_threads(threads)
+    predictor = Predictor.from_run(a.run, device=a.device, batch_size=a.batch_size, checkpoint=a.checkpoint,
+                                   data_dir=a.data)
+    app = create_app(predictor, max_rows=a.max_rows, max_bytes=a.max_bytes, batching=not a.no_batching,
+                     max_in_flight=a.max_in_flight, token=token, processes=processes)
+    return predictor, app
+
+
+def info(predictor: Any) -> dict[str, Any]:
+    """What the start-up line names (plain strings: a child sends it to the parent)."""
+    return {"model_class": str(predictor.info.get("model_class")), "checkpoint": str(predictor.info.get("checkpoint")),
+            "device": str(predictor.device)}
+
+
+def run_uvicorn(app: Any, sock: socket.socket, a: argparse.Namespace) -> None:
+    """Serve ``app`` on the bound ``sock`` until SIGTERM / SIGINT (uvicorn's graceful shutdown)."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, host=a.host, port=sock.getsockname()[1], log_level=a.log_level)).run(
+        sockets=[sock])
+
+
+def serve_child(sock: socket.socket, index: int, parent_pid: int, ready: Any, a: argparse.Namespace,
+                token: str | None) -> None:
+    """One of ``--processes N`` (a spawned interpreter): load, report to the parent, serve ``sock``.
+
+    Args:
+        sock: the parent's listening socket.
+        index: this child's number (0 .. N-1).
+        parent_pid: the supervisor's pid (this child ends with it).
+        ready: the queue for ``("ready", info)`` / ``("error", message)``.
+        a: the parsed command line; token: the bearer token (None: none).
+    """
+    from ctrflow.serve.inputs import ServeError
+
+    die_with_parent(parent_pid)
+    try:
+        predictor, app = build(a, token, threads_per_process(a.processes, a.threads), a.processes)
+    except (ServeError, ValueError) as e:
+        ready.put(("error", str(e)))
+        sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C while loading: the parent stops too
+        sys.exit(130)
+    ready.put(("ready", info(predictor)))
+    try:
+        run_uvicorn(app, sock, a)
+    except KeyboardInterrupt:
+        pass
