@@ -6,6 +6,8 @@ Measured side by side in one run, on the same 256-row requests of raw validation
   with ``--clients`` concurrent clients (threads, one keep-alive ``http.client`` connection each)
   sending ``--requests`` requests in all, then stopping; latency per request as the client sees it.
 - ``HTTP /rank``: the same with ``{"context": ..., "candidates": [256 rows]}``.
+- ``HTTP /predict, N processes``: for each N > 1 of ``--processes`` (default ``1,2``), a server started with
+  ``--processes N`` (N server processes on one port, each its own GIL) under the same load.
 - ``HTTP /predict, no batching``: a second server with ``--no-batching``: each request gets its own
   transform + model call instead of sharing them with the requests queued beside it.
 - ``Predictor.predict (in-process)``: the same requests as lists of dicts, one after another, no HTTP:
@@ -30,6 +32,7 @@ generated data, its ETL output and that run are kept for later runs in
 Usage:
     python bench/serve.py                          # table + CACHE/bench/serve.json
     python bench/serve.py --requests 400 --clients 8 --rows 256 --json out.json
+    python bench/serve.py --processes 1,2,4        # the /predict row for each server process count
     python bench/serve.py --run runs/a --raw data/raw/synthetic-2000000-seed0/valid
 """
 
@@ -108,9 +111,9 @@ def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         conn.close()
 
 
-def start_server(run: str, port: int, max_rows: int, batching: bool = True) -> subprocess.Popen:
+def start_server(run: str, port: int, max_rows: int, batching: bool = True, processes: int = 1) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "ctrflow.serve", "--run", run, "--port", str(port),
-                             "--max-rows", str(max_rows), "--log-level", "warning",
+                             "--max-rows", str(max_rows), "--log-level", "warning", "--processes", str(processes),
                              *([] if batching else ["--no-batching"])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -215,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=400, help="HTTP requests in all (per endpoint)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--rows", type=int, default=256, help="rows (or candidates) per request")
+    p.add_argument("--processes", default="1,2",
+                   help="server process counts to load with /predict (comma-separated; 1 also runs /rank, no batching)")
     p.add_argument("--baseline-requests", type=int, default=40, help="requests for the in-process baselines")
     p.add_argument("--run", default=None, help="serve this run dir (default: train a small one, kept in CACHE/bench)")
     p.add_argument("--raw", default=None, help="raw parquet rows for the requests (needed with --run)")
@@ -226,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--run and --raw go together")
     if min(a.requests, a.clients, a.rows, a.baseline_requests) < 1:
         p.error("--requests, --clients, --rows, --baseline-requests must be >= 1")
+    try:
+        counts = sorted({int(x) for x in a.processes.split(",") if x.strip()} | {1})
+    except ValueError:
+        p.error(f"--processes: comma-separated counts, got {a.processes!r}")
+    if counts[0] < 1:
+        p.error("--processes: counts must be >= 1")
     if a.run:
         run, raw = a.run, a.raw
     else:
@@ -238,14 +249,14 @@ def main(argv: list[str] | None = None) -> int:
 
     bodies = [json.dumps(r).encode() for r in reqs]
     rank_bodies = [json.dumps({"context": {}, "candidates": r}).encode() for r in reqs]
-    for batching in (True, False):
+    for batching, n in [(True, 1), *((True, n) for n in counts[1:]), (False, 1)]:
         port = free_port()
-        server = start_server(run, port, max(a.rows, 10_000), batching)
-        suffix = "" if batching else ", no batching"
+        server = start_server(run, port, max(a.rows, 10_000), batching, n)
+        suffix = ("" if batching else ", no batching") + (f", {n} processes" if n > 1 else "")
         try:
-            load(port, "/predict", bodies[: 2 * a.clients], a.clients, a.rows)  # warm-up, not counted
+            load(port, "/predict", bodies[: 2 * a.clients * n], a.clients, a.rows)  # warm-up, not counted
             phase = {f"HTTP /predict{suffix}": load(port, "/predict", bodies, a.clients, a.rows)}
-            if batching:
+            if batching and n == 1:
                 phase["HTTP /rank"] = load(port, "/rank", rank_bodies, a.clients, a.rows)
                 phase[f"HTTP /predict{suffix}"]["batching"] = json.loads(get(port, "/metadata")[1])["batching"]
             alive = server.poll() is None and get(port, "/health")[0] == 200
@@ -287,10 +298,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['rows_per_s']:>9,.0f} {r['failed']:>6} {alive:>12}")
     print(f"stages (thread CPU ms, median; {a.rows} rows per request, batch = {a.clients} requests): "
           + ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "batch_requests"))
-    http = results["HTTP /predict"]
-    print(f"goal (p99 < 50 ms, >= 60,000 rows/s): p99 {http['p99_ms']:.1f} ms, {http['rows_per_s']:,.0f} rows/s -> "
-          f"{'met' if http['p99_ms'] < 50 and http['rows_per_s'] >= 60_000 else 'not met'} "
-          f"(load average {machine['load_avg']})")
+    for n in counts:
+        name = "HTTP /predict" + (f", {n} processes" if n > 1 else "")
+        http = results[name]
+        print(f"goal (p99 < 50 ms, >= 60,000 rows/s), {name}: p99 {http['p99_ms']:.1f} ms, "
+              f"{http['rows_per_s']:,.0f} rows/s -> "
+              f"{'met' if http['p99_ms'] < 50 and http['rows_per_s'] >= 60_000 else 'not met'} "
+              f"(load average {machine['load_avg']})")
     write_json(json_path(a, "serve"), {"benchmark": "serve", "machine": machine, "run": run, "args": vars(a),
                                        "results": results, "stages": stages})
     ok = all(r["failed"] == 0 and r.get("server_alive", True) for r in results.values())

@@ -61,6 +61,10 @@ def column_array(col: str, values: Sequence[Any], target: pa.DataType | None, se
     """
     if target is not None and is_list_type(target):
         return list_column_array(col, values, target, sep)
+    if target is not None:
+        arr = _inferred(values, target)
+        if arr is not None:
+            return arr
     kinds = set(map(type, values))  # one C-level pass; the checks below are then set operations
     if target is None:
         fast = False
@@ -89,6 +93,41 @@ def column_array(col: str, values: Sequence[Any], target: pa.DataType | None, se
         raise ServeError(f"column {col!r} row {i}: the string is not valid Unicode text", col) from None
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:  # e.g. mixed kinds with no recorded type
         raise ServeError(f"column {col!r}: values of mixed or unsupported types ({e})", col) from None
+
+
+def _inferred(values: Sequence[Any], target: pa.DataType) -> pa.Array | None:
+    """Clean values as ``target`` through one arrow conversion with type inference; None: the checked
+    path (:func:`column_array`'s) decides, and words the error.
+
+    Arrow's inference is the type check (it refuses bytes as strings, bools among ints, mixed kinds) and,
+    for Python floats, about twice as fast as its conversion to a given float type. Only bools among floats
+    pass it unnoticed (``[1.0, True]`` -> double), so a double column is checked for them, and for infinities.
+    """
+    try:
+        arr = pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeError):
+        return None
+    kind = arr.type
+    if pa.types.is_null(kind):  # every value missing
+        return pa.nulls(len(arr), target)
+    if pa.types.is_string(target) or not (pa.types.is_integer(target) or pa.types.is_floating(target)):
+        return arr if kind == target else None
+    if pa.types.is_floating(kind):
+        if bool in set(map(type, values)):
+            return None
+        if pa.types.is_integer(target):  # every value is exact here (inference refuses an int it would round),
+            try:  # so arrow's safe cast is the whole check: it refuses 2.5, inf and what int64 cannot hold
+                return arr.cast(target)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                return None
+        return arr if kind == target and not pc.any(pc.is_inf(arr)).as_py() else None
+    if kind == target:  # int64: arrow's integer inference refuses bools
+        return arr
+    if pa.types.is_integer(kind) and pa.types.is_floating(target):
+        bounds = pc.min_max(arr)
+        if max(-bounds["min"].as_py(), bounds["max"].as_py()) < 2**53:  # exact in float64
+            return arr.cast(target)
+    return None
 
 
 def _integral_floats(values: Sequence[Any], target: pa.DataType) -> pa.Array | None:

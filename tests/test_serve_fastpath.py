@@ -230,3 +230,35 @@ def test_request_bodies_parse_alike_with_and_without_orjson(body, monkeypatch):
     fast = parse()
     monkeypatch.setattr(app, "orjson", None)
     assert fast == parse()
+
+
+_BIG = 2**60 + 1  # not exact in float64
+
+
+@pytest.mark.parametrize("values", [
+    [1, 2, None, -3], [1.0, 2.0, None, float("nan")], [1, 2.5, None], [3.0, 4, -0.0], [_BIG, 3.0], [_BIG, 3],
+    [2.0**60, 1.0], [2.0**63], [1e300], [1.0, True], [True, 1.0], [1, True], [1.0, float("inf")],
+    [float("-inf"), None], [None, None], ["a", None, float("nan")], ["a", 1], [b"x", "a"], ["1", 2.0], [" 7 ", None],
+    ["", 1.5], [{"a": 1}], [[1], 2], [np.float32(1.5), 2.0], [np.int64(3), 4], ["\ud800"], ["é", None],
+])
+@pytest.mark.parametrize("target", [pa.int64(), pa.float64(), pa.string()])
+def test_the_inferring_conversion_gives_the_checked_paths_column_or_error(values, target, monkeypatch):
+    """``column_array``'s first try (arrow's inference) changes no value and no error of the checked path."""
+    from ctrflow.serve import inputs
+    from ctrflow.serve.values import ServeError
+
+    def convert() -> tuple[str, object]:
+        try:
+            arr = inputs.column_array("c", list(values), target)
+            return "ok", (arr.type, arr.to_pylist(), arr.null_count)
+        except ServeError as e:
+            return "error", str(e)
+
+    fast = convert()
+    monkeypatch.setattr(inputs, "_inferred", lambda values, target: None)
+    checked = convert()
+    if target == pa.int64() and isinstance(values[0], np.int64):  # the one change: numpy ints are numbers
+        assert checked == ("error", "column 'c' row 0: expected a number, got int64")
+        assert fast == ("ok", (pa.int64(), [3, 4], 0))
+        return
+    assert repr(fast) == repr(checked)  # repr: -0.0 and NaN compare as written
