@@ -7,6 +7,7 @@ Shared by ``python -m ctrflow.serve`` (one process) and each child of ``--proces
 from __future__ import annotations
 
 import argparse
+import gc
 import socket
 import sys
 from typing import Any
@@ -31,6 +32,10 @@ def build(a: argparse.Namespace, token: str | None, threads: int | None, process
                                    data_dir=a.data)
     app = create_app(predictor, max_rows=a.max_rows, max_bytes=a.max_bytes, batching=not a.no_batching,
                      max_in_flight=a.max_in_flight, token=token, processes=processes)
+    # What is loaded now lives as long as the server: out of the cyclic GC's reach, a full collection
+    # scans only what requests left behind (here 267k loaded objects made one take ~200 ms, GIL held).
+    gc.collect()
+    gc.freeze()
     return predictor, app
 
 
