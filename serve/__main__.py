@@ -101,11 +101,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     return a
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A listening-ready socket bound to ``host:port`` (:class:`UsageError` naming the port when it cannot be).
 
     Bound before the server starts, so a busy port fails in one line before anything says "serving", and
     uvicorn serves on this very socket (no window in which another process could take the port).
+    ``reuse_port`` (``--processes N``): with ``SO_REUSEPORT``, so each server process can listen on the port
+    with a socket of its own (the parent keeps this one bound, not listening, to hold the port).
     """
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -115,6 +117,8 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(addr)
@@ -160,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             raise UsageError(f"serving needs FastAPI and uvicorn ({e}): pip install 'ctrflow[serve]'") from None
         token = load_token(a.token_file)
-        sock = bind(a.host, a.port)  # before the (slow) model load: a busy port fails at once
+        if a.processes > 1 and not hasattr(socket, "SO_REUSEPORT"):
+            raise UsageError("--processes needs SO_REUSEPORT sockets (Linux, BSD, macOS): not on this system")
+        sock = bind(a.host, a.port, reuse_port=a.processes > 1)  # before the (slow) model load: a busy port fails
         port = sock.getsockname()[1]
         if a.processes > 1:
             return run_processes(sock, a.processes, serve_child, (a, token),

@@ -2,11 +2,14 @@
 
 One process serves at most what one GIL allows (JSON, validation and the transform hold it for most of
 a request), so on a machine with several cores N processes serve up to N times as much. The parent binds
-the listening socket (a busy port still fails before anything loads), then starts N children with the
-``spawn`` method (a fresh interpreter each: no OpenMP or arrow thread pool copied mid-state by ``fork``).
-Every child loads the run and serves the same socket with its own uvicorn; the kernel hands each new
-connection to whichever child accepts it first. Each child has its own limits (``--max-in-flight`` and
-the batcher are per process), its own token check and its own ``/health``.
+the port with ``SO_REUSEPORT`` (a busy port still fails before anything loads) and holds it, then starts N
+children with the ``spawn`` method (a fresh interpreter each: no OpenMP or arrow thread pool copied
+mid-state by ``fork``). Every child loads the run, listens on the port with a ``SO_REUSEPORT`` socket of
+its own and serves it with its own uvicorn; the kernel spreads new connections over the children by a
+hash of their addresses. (One shared listening socket was tried first: the idle child that won the
+accept races took 7 or 8 of 8 keep-alive clients, so one process did nearly all the work.) Each child
+has its own limits (``--max-in-flight`` and the batcher are per process), its own token check and its own
+``/health``.
 
 The parent only supervises: it prints one line when every child is ready; a child that fails to load
 (a bad run directory: exit 2 with its one-line error) or dies later stops the others (exit 2 / 1: a
@@ -71,15 +74,33 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def listen_socket(address: tuple[int, Any], backlog: int = 2048) -> socket.socket:
+    """A child's own socket listening on the parent's port (``SO_REUSEPORT``; ``address``: family, sockaddr)."""
+    family, addr = address
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(backlog)  # uvicorn's backlog; listening before "ready", so no connection is refused
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def run_processes(sock: socket.socket, processes: int, target: Callable[..., Any], args: tuple[Any, ...],
                   grace_s: float = 30.0, on_ready: Callable[[Any], None] | None = None) -> int:
     """Start ``processes`` children serving ``sock`` and supervise them until a signal or a child's end.
 
     Args:
-        sock: the bound listening socket (the children serve it; the parent closes its copy on return).
+        sock: the socket bound with ``SO_REUSEPORT`` that holds the port (closed on return).
         processes: how many children.
-        target: a module-level function ``target(sock, index, parent_pid, ready, *args)`` run in each child:
-            it puts ``("ready", info)`` or ``("error", message)`` on the queue ``ready`` once loaded, then serves
+        target: a module-level function ``target(address, index, parent_pid, ready, *args)`` run in each
+            child, ``address`` = ``(family, sockaddr)`` of ``sock``: it listens there (:func:`listen_socket`),
+            puts ``("ready", info)`` or ``("error", message)`` on the queue ``ready`` once loaded, then serves
             until SIGTERM / SIGINT.
         args: the rest of ``target``'s arguments (picklable).
         grace_s: how long stopped children may take to finish their requests before they are killed.
@@ -89,12 +110,12 @@ def run_processes(sock: socket.socket, processes: int, target: Callable[..., Any
         The exit code: 0 after SIGTERM, 130 after SIGINT, 2 when a child could not load (its message on
         stderr), 1 when a child died while serving.
     """
-    sock.listen(2048)  # uvicorn's backlog; now, so a connection made before a child serves waits instead of failing
     ctx = mp.get_context("spawn")
     ready: Any = ctx.Queue()
     stop: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
-    children = [ctx.Process(target=target, args=(sock, i, os.getpid(), ready, *args), name=f"ctrflow-serve-{i}",
+    address = (sock.family, sock.getsockname())
+    children = [ctx.Process(target=target, args=(address, i, os.getpid(), ready, *args), name=f"ctrflow-serve-{i}",
                             daemon=False) for i in range(processes)]
     code = 0
     try:

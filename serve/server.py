@@ -12,7 +12,7 @@ import socket
 import sys
 from typing import Any
 
-from ctrflow.serve.processes import die_with_parent, threads_per_process
+from ctrflow.serve.processes import die_with_parent, listen_socket, threads_per_process
 
 
 def build(a: argparse.Namespace, token: str | None, threads: int | None, processes: int = 1) -> tuple[Any, Any]:
@@ -53,12 +53,12 @@ def run_uvicorn(app: Any, sock: socket.socket, a: argparse.Namespace) -> None:
         sockets=[sock])
 
 
-def serve_child(sock: socket.socket, index: int, parent_pid: int, ready: Any, a: argparse.Namespace,
+def serve_child(address: tuple[int, Any], index: int, parent_pid: int, ready: Any, a: argparse.Namespace,
                 token: str | None) -> None:
-    """One of ``--processes N`` (a spawned interpreter): load, report to the parent, serve ``sock``.
+    """One of ``--processes N`` (a spawned interpreter): load, listen on the port, report to the parent, serve.
 
     Args:
-        sock: the parent's listening socket.
+        address: ``(family, sockaddr)`` of the parent's port, to listen on with ``SO_REUSEPORT``.
         index: this child's number (0 .. N-1).
         parent_pid: the supervisor's pid (this child ends with it).
         ready: the queue for ``("ready", info)`` / ``("error", message)``.
@@ -69,7 +69,8 @@ def serve_child(sock: socket.socket, index: int, parent_pid: int, ready: Any, a:
     die_with_parent(parent_pid)
     try:
         predictor, app = build(a, token, threads_per_process(a.processes, a.threads), a.processes)
-    except (ServeError, ValueError) as e:
+        sock = listen_socket(address)
+    except (ServeError, ValueError, OSError) as e:
         ready.put(("error", str(e)))
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C while loading: the parent stops too
@@ -79,3 +80,5 @@ def serve_child(sock: socket.socket, index: int, parent_pid: int, ready: Any, a:
         run_uvicorn(app, sock, a)
     except KeyboardInterrupt:
         pass
+    finally:
+        sock.close()

@@ -158,6 +158,18 @@ def test_two_processes_serve_one_port_with_the_same_rules_and_stop_on_sigterm(ru
             if seen == s.children:
                 break
         assert seen == s.children, (seen, s.children)
+        conns = [http.client.HTTPConnection("127.0.0.1", s.port, timeout=60) for _ in range(16)]
+        try:  # keep-alive clients connected at once spread over both (one shared socket gave one 7 or 8 of 8)
+            for c in conns:
+                c.connect()
+            pids = []
+            for c in conns:
+                c.request("GET", "/metadata", headers=auth)
+                pids.append(json.loads(c.getresponse().read())["server"]["pid"])
+        finally:
+            for c in conns:
+                c.close()
+        assert set(pids) == s.children, pids
         assert _request(s.port, "GET", "/health")[0] == 200  # no token needed
         assert _request(s.port, "GET", "/metadata")[0] == 401
         assert _request(s.port, "POST", "/predict", rows, {"authorization": f"Bearer {TOKEN}"})[0] == 415
