@@ -24,6 +24,20 @@ def test_target_stats_and_the_auto_range():
         target_stats(y, (3, 1))
 
 
+def test_a_fresh_model_predicts_the_mean_of_a_skewed_target():
+    # Visit counts: most 0-3, a long tail to 77 (statsmodels' randhie). Without the offset a zero output
+    # predicted the range's middle (~38), on the sigmoid's flat side.
+    rng = np.random.default_rng(0)
+    y = np.minimum(rng.poisson(rng.gamma(0.5, 6.0, 20000)), 77).astype(float)
+    y[0] = 77.0
+    t = target_stats(y)
+    at_zero = predict(torch.zeros(1), t).item()
+    assert at_zero == pytest.approx(y.mean(), rel=1e-4)
+    assert abs(at_zero - sum(t["y_range"]) / 2) > 30
+    # a run saved before the offset existed reads as offset 0
+    assert predict(torch.zeros(1), {"mean": 1.0, "std": 1.0, "y_range": [0.0, 10.0]}).item() == 5.0
+
+
 def test_predict_and_loss():
     z = torch.tensor([-50.0, 0.0, 50.0])
     squashed = predict(z, {"mean": 3.0, "std": 2.0, "y_range": [0.5, 5.5]})

@@ -5,8 +5,10 @@ A raw MSE on ratings 1-5 starts with a model that predicts ~0, so the first epoc
 mean (the TabularModel's RMSE was 6.79 after one epoch). Here the model's output ``z`` becomes a
 prediction by
 
-* ``y_range = (lo, hi)``: ``lo + (hi - lo) * sigmoid(z)`` (fastai's ``SigmoidRange``; predictions can
-  never leave the range), or
+* ``y_range = (lo, hi)``: ``lo + (hi - lo) * sigmoid(z + z0)`` (fastai's ``SigmoidRange``; predictions
+  can never leave the range), ``z0 = logit((mean - lo) / (hi - lo))`` so that a fresh model (``z ~ 0``)
+  predicts the training mean: a skewed target (visit counts 0-77 around a mean of 2.9) otherwise starts
+  at the range's middle, on the sigmoid's flat side, where DLRM stayed pinned at the bound, or
 * standardisation: ``mean + std * z``,
 
 and the loss is the MSE of predictions in units of the target's standard deviation (so the learning
@@ -32,7 +34,8 @@ def target_stats(labels: np.ndarray, y_range: str | tuple[float, float] | None =
             1-5 give 0.5-5.5, fastai's advice), ``None`` / ``"none"`` (standardise only), or ``(lo, hi)``.
 
     Returns:
-        ``{"mean", "std", "y_range": [lo, hi] | None}``.
+        ``{"mean", "std", "y_range": [lo, hi] | None, "offset": z0}`` (``offset``: the logit of the mean's
+        place in the range, 0 without a range).
     """
     y = np.asarray(labels, dtype=np.float64)
     if y.size == 0 or not np.isfinite(y).all():
@@ -50,7 +53,11 @@ def target_stats(labels: np.ndarray, y_range: str | tuple[float, float] | None =
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"y_range needs two finite numbers lo < hi, got {y_range}")
         rng = [lo, hi]
-    return {"mean": mean, "std": std, "y_range": rng}
+    offset = 0.0
+    if rng is not None:  # where the mean sits in the range, kept off the sigmoid's saturated ends
+        share = min(max((mean - rng[0]) / (rng[1] - rng[0]), 1e-3), 1 - 1e-3)
+        offset = math.log(share / (1 - share))
+    return {"mean": mean, "std": std, "y_range": rng, "offset": offset}
 
 
 def predict(z: torch.Tensor, target: dict[str, Any] | None) -> torch.Tensor:
@@ -59,7 +66,7 @@ def predict(z: torch.Tensor, target: dict[str, Any] | None) -> torch.Tensor:
         return z
     if target.get("y_range"):
         lo, hi = target["y_range"]
-        return torch.sigmoid(z) * (hi - lo) + lo
+        return torch.sigmoid(z + target.get("offset", 0.0)) * (hi - lo) + lo  # runs saved before offset: 0
     return z * target["std"] + target["mean"]
 
 
