@@ -6,10 +6,11 @@ the port with ``SO_REUSEPORT`` (a busy port still fails before anything loads) a
 children with the ``spawn`` method (a fresh interpreter each: no OpenMP or arrow thread pool copied
 mid-state by ``fork``). Every child loads the run, listens on the port with a ``SO_REUSEPORT`` socket of
 its own and serves it with its own uvicorn; the kernel spreads new connections over the children by a
-hash of their addresses. (One shared listening socket was tried first: the idle child that won the
-accept races took 7 or 8 of 8 keep-alive clients, so one process did nearly all the work.) Each child
-has its own limits (``--max-in-flight`` and the batcher are per process), its own token check and its own
-``/health``.
+hash of their addresses (Linux lets only sockets of the same user join a port's ``SO_REUSEPORT`` group,
+so no other user's process can listen beside them). One shared listening socket was tried first: the
+idle child that won the accept races took 7 or 8 of 8 keep-alive clients, so one process did nearly all
+the work. Each child has its own limits (``--max-in-flight`` and the batcher are per process), its own
+token check and its own ``/health``.
 
 The parent only supervises: it prints one line when every child is ready; a child that fails to load
 (a bad run directory: exit 2 with its one-line error) or dies later stops the others (exit 2 / 1: a
