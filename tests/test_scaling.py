@@ -119,9 +119,9 @@ def test_adaptive_optimizers_see_the_clipped_gradient(opt):
     ref = torch.nn.Parameter(w0.clone())  # the same optimizer on the reference's clipped dense-row gradient
     ref.grad = _dense_cowclip(w0, ids, grads, 1.0, clip_floor(4), 0.0, rows=100)
     rows = torch.unique(ids)
-    ref.grad = torch.sparse_coo_tensor(rows[None], ref.grad[rows], w0.shape).coalesce()
+    ref.grad = torch.sparse_coo_tensor(rows[None], ref.grad[rows], w0.shape, check_invariants=True).coalesce()
     w = torch.nn.Parameter(w0.clone())
-    w.grad = torch.sparse_coo_tensor(ids[None], grads, w.shape)
+    w.grad = torch.sparse_coo_tensor(ids[None], grads, w.shape, check_invariants=True)
     opt([w], lr=0.01, clip=1.0, clip_floor=clip_floor(4), clip_rows=100).step()
     opt([ref], lr=0.01).step()
     torch.testing.assert_close(w.data, ref.data, rtol=1e-5, atol=1e-7)
