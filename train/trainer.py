@@ -97,6 +97,7 @@ class Trainer(Resumable, Evaluating):
         self.best = None if self.cfg.select == "none" else BestTracker(metric, self.cfg.patience)
         self.best_path = os.path.join(out_dir, "best.pt") if out_dir else None
         self._early = False
+        self._micro = 0  # rows per micro-batch, set by fit() (ctrflow.train.micro); 0: whole batches
 
     # ----------------------------------------------------------------- steps
     def _autocast(self):
@@ -140,7 +141,7 @@ class Trainer(Resumable, Evaluating):
     def _forward_backward(self, batch: Any) -> torch.Tensor:
         """The batch's loss, its gradient accumulated into the parameters; in micro-batches when set
         (:mod:`ctrflow.train.micro`: each slice's mean loss weighted by its share of the batch)."""
-        parts = split_batch(batch, self._micro) if getattr(self, "_micro", 0) else [batch]
+        parts = split_batch(batch, self._micro) if self._micro else [batch]
         if len(parts) == 1:
             loss = self.training_step(batch, self.batch_in_epoch)
             (loss / self.cfg.grad_accum).backward()
