@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "I1,I2,...,I13)")
     src.add_argument("--label", default=DEFAULTS.label, help="label column")
     src.add_argument("--task", choices=["binary", "regression"], default=DEFAULTS.task, help="what the label holds")
+    src.add_argument("--label-values", metavar="NEGATIVE,POSITIVE", default=None,
+                     help="binary labels held as two other values, e.g. '<=50K,>50K' or -1,1 (default: 0/1, "
+                          "yes/no, true/false); any other value is an error")
     split = src.add_mutually_exclusive_group()
     split.add_argument("--valid", nargs="+",
                        help="validation files (fit uses the training input only; default: split --input, "
@@ -200,6 +203,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--update needs --input NEW_DAY (the new day's files)")
     if (args.decay is not None or args.force) and not args.update:
         raise UsageError("--decay and --force apply to --update only")
+    if args.label_values is not None:
+        values = [v.strip() for v in args.label_values.split(",")]
+        if args.task != "binary" or len(values) != 2 or not all(values) or values[0] == values[1]:
+            raise UsageError(f"--label-values expects two different values NEGATIVE,POSITIVE with --task binary, "
+                             f"got {args.label_values!r} (task {args.task})")
+        args.label_values = values
     if args.decay is not None and not 0 < args.decay <= 1:
         raise UsageError(f"--decay must be in (0, 1], got {args.decay}")
     if args.part_size is not None and args.part_size.isdigit():
@@ -235,7 +244,7 @@ def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str],
         Rename,
     )
 
-    graph = [args.label] >> Label(task=args.task)
+    graph = [args.label] >> Label(task=args.task, values=args.label_values)
     if conts:
         graph = graph + (conts >> FillMissing(0) >> Clip(min_value=0) >> LogOp() >> Normalize())
     cats = [c for c in cats if c not in list_args.claimed_columns(args)]  # list / joint-vocabulary branches
@@ -330,11 +339,12 @@ def _label_report(args: argparse.Namespace, splits: dict[str, Any]) -> str:
     """The bad labels of every split, counted in full (the transform stops at the first bad partition)."""
     from ctrflow.etl.ops.label import count_bad_labels, label_message
 
-    found = {k: count_bad_labels(args.label, args.task, ds.to_ddf([args.label])) for k, ds in splits.items()}
+    found = {k: count_bad_labels(args.label, args.task, ds.to_ddf([args.label]), args.label_values)
+             for k, ds in splits.items()}
     total = sum(n for n, _ in found.values())
     where = "(" + ", ".join(f"{n:,} in the {k} split" for k, (n, _) in found.items() if n) + ")"
     example = next(ex for n, ex in found.values() if n)
-    return label_message(args.label, args.task, total, example, where)
+    return label_message(args.label, args.task, total, example, where, args.label_values)
 
 
 def main(argv: list[str] | None = None) -> int:
