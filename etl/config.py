@@ -17,6 +17,8 @@ class EtlDefaults:
     Attributes:
         output: processed dataset directory (what ``train/fit.py`` reads by default).
         freq_threshold: Categorify keeps values seen at least this often in the training input.
+        negatives: continuous values below 0: ``signed`` (``sign(x) log1p(|x|)``) or ``clip`` (to 0, then
+            ``log1p``: NVTabular's Criteo recipe).
         max_size: cap of each cardinality (0: none).
         synthetic_rows: rows of the generated data when no ``--input`` is given.
         valid_fraction: share of ``--input`` held out when no ``--valid`` is given.
@@ -28,6 +30,7 @@ class EtlDefaults:
 
     output: str = "data/processed"
     freq_threshold: int = 2
+    negatives: str = "clip"
     max_size: int = 0
     synthetic_rows: int = 2_000_000
     valid_fraction: float = 0.1

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     ops = p.add_argument_group("ops")
     ops.add_argument("--freq-threshold", type=int, default=DEFAULTS.freq_threshold,
                      help="Categorify: keep values seen this often")
+    ops.add_argument("--negatives", choices=["signed", "clip"], default=DEFAULTS.negatives,
+                     help="continuous values below 0: signed = sign(x) log(1 + |x|), order and sign kept; clip = "
+                          "0 first, then log(1 + x) (NVTabular's Criteo recipe)")
     ops.add_argument("--num-buckets", type=int, default=None,
                      help="Categorify: hash OOV values into N ids (default: none, every OOV value is id 2)")
     ops.add_argument("--max-size", type=int, default=DEFAULTS.max_size,
@@ -229,7 +232,8 @@ def _col_spec(spec: str, flag: str) -> tuple[str, str]:
 
 def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str],
                    available: list[str] | None = None) -> Any:
-    """The Criteo recipe: Categorify on cats; FillMissing -> Clip(0) -> LogOp -> Normalize on conts;
+    """The Criteo recipe: Categorify on cats; FillMissing -> signed LogOp (or Clip(0) -> LogOp) -> Normalize
+    on conts;
     list columns (and joint vocabularies) as in ``etl/list_args.py`` (``available``: the input's columns)."""
     from ctrflow.etl import Workflow, list_args
     from ctrflow.etl.ops import (
@@ -246,7 +250,10 @@ def build_workflow(args: argparse.Namespace, cats: list[str], conts: list[str],
 
     graph = [args.label] >> Label(task=args.task, values=args.label_values)
     if conts:
-        graph = graph + (conts >> FillMissing(0) >> Clip(min_value=0) >> LogOp() >> Normalize())
+        if args.negatives == "clip":
+            graph = graph + (conts >> FillMissing(0) >> Clip(min_value=0) >> LogOp() >> Normalize())
+        else:  # the same values where x >= 0, and negative values stay apart from 0
+            graph = graph + (conts >> FillMissing(0) >> LogOp(signed=True) >> Normalize())
     cats = [c for c in cats if c not in list_args.claimed_columns(args)]  # list / joint-vocabulary branches
     if cats:
         graph = graph + (cats >> Categorify(args.freq_threshold, args.max_size, args.num_buckets))

@@ -293,6 +293,17 @@ def test_log_below_minus_one_is_nan():
     assert np.isnan(got[0]) and got[1] == -np.inf and got[2] == 0 and got[3] == pytest.approx(1.0)
 
 
+def test_signed_log_keeps_sign_and_order_and_equals_log_on_non_negatives():
+    x = np.array([-1e6, -3.0, -1.0, -0.5, 0.0, 0.5, 1.0, np.e - 1, 1e9, np.nan])
+    _, out = run_df(["x"] >> LogOp(signed=True), pd.DataFrame({"x": x}), part_size=3)
+    got = out["x"].to_numpy(np.float64)
+    np.testing.assert_allclose(got[:-1], np.sign(x[:-1]) * np.log1p(np.abs(x[:-1])), rtol=1e-6)
+    assert np.isnan(got[-1]) and np.all(np.diff(got[:-1]) > 0)  # strictly monotone: negatives stay apart
+    _, plain = run_df(["x"] >> LogOp(), pd.DataFrame({"x": x[4:-1]}))
+    np.testing.assert_array_equal(got[4:-1], plain["x"].to_numpy(np.float64))
+    assert LogOp(signed=True).params() == {"signed": True} and LogOp().params() == {}  # old workflows load as before
+
+
 # ---- bucketing ------------------------------------------------------------------------------
 def test_bucketize_digitize_semantics():
     df = make_frame(500, seed=9)

@@ -8,7 +8,7 @@ import torch
 from ctrflow.loader.batch import Batch
 from ctrflow.models import DLRM, TabularModel
 from ctrflow.train import TensorLoader, Trainer
-from ctrflow.train.micro import AUTO_ROWS, micro_batch_rows, split_batch
+from ctrflow.train.micro import AUTO_ROWS, SparseGradients, micro_batch_rows, split_batch
 
 CARDS = [50, 9, 400]
 CPU = torch.device("cpu")
@@ -82,3 +82,29 @@ def test_fit_flag_rejects_negative():
     with pytest.raises(UsageError, match="--micro-batch must be >= 0"):
         parse_args(["--data", "x", "--micro-batch", "-1"])
     assert parse_args(["--data", "x"]).micro_batch is None  # automatic
+
+
+def test_sparse_gradients_joined_once_equal_the_whole_batch_gradient():
+    # Autograd adds each slice's sparse gradient into param.grad (O(slices^2) copies, and it merges some
+    # duplicate lookups on the way, so CowClip's lookup counts came out lower than the whole batch's).
+    # SparseGradients joins the slices once: like the whole batch's, one entry per lookup.
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 4, sparse=True)
+    dense = torch.nn.Linear(4, 1)
+    ids = torch.randint(0, 50, (5, 12))
+    dense(emb(ids.reshape(-1))).sum().backward()  # the whole batch at once
+    ref_emb, ref_dense = emb.weight.grad, dense.weight.grad.clone()
+    emb.zero_grad(set_to_none=True), dense.zero_grad(set_to_none=True)
+    dense(emb(ids[0])).sum().backward()  # a gradient already there (gradient accumulation over batches)
+    gather = SparseGradients(list(emb.parameters()) + list(dense.parameters()))
+    for i in range(1, 5):
+        dense(emb(ids[i])).sum().backward()
+        gather.take()
+        assert emb.weight.grad is None and dense.weight.grad is not None  # only sparse grads move aside
+    gather.join()
+    got = emb.weight.grad
+    assert got.is_sparse and got._nnz() == ref_emb._nnz() == ids.numel()
+    counts = [torch.bincount(g._indices()[0], minlength=50) for g in (got, ref_emb)]  # CowClip's lookup counts
+    assert torch.equal(*counts) and counts[0].max() > 1
+    torch.testing.assert_close(got.coalesce().to_dense(), ref_emb.coalesce().to_dense())
+    torch.testing.assert_close(dense.weight.grad, ref_dense)

@@ -91,6 +91,7 @@ GRAPHS = {
                         + (["x2"] >> LogOp() >> Clip(max_value=2.5)) + (["x1"] >> Bucketize([-1, 0, 2.5, 10]))
                         + (["i1", "x2"] >> QuantileBucketize(num_bins=5)) + (["x2"] >> Normalize() >> FillMissing(-1))
                         + (["i1"] >> Normalize() >> Rename(postfix="_n")) + (["x1"] >> Doubler())
+                        + (["i1", "x1"] >> FillMissing(0) >> LogOp(signed=True) >> Rename(postfix="_sl"))
                         + (["label"] >> Label(task="regression"))),
     "lists": lambda: ((["hist", "c1"] >> Categorify(vocabulary="items") >> ListTruncate(3) >> ListPad(4))
                       + (["hist", "hist_weights"] >> ListTruncate(2, keep="last") >> Rename(postfix="_t"))

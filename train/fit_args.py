@@ -10,6 +10,7 @@ from ctrflow.etl.cli_help import DefaultsHelpFormatter, usage_name
 from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, NUMERIC_DIM, TABULAR_MAX_DIM
 from ctrflow.models.protocol import MODELS
 from ctrflow.train.config import EMBEDDING_LR, LR, OPTIMIZERS, TrainConfig
+from ctrflow.train.micro import AUTO_ROWS
 
 # Every default below is TrainConfig's or ctrflow.models.defaults' (tests/test_fit.py checks it).
 D = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -81,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=D["grad_accum"], help="batches per optimizer step")
     p.add_argument("--micro-batch", type=int, default=D["micro_batch"], metavar="ROWS",
                    help="rows per forward/backward slice of a batch: the same gradient in less memory (default: "
-                        "32768 on the CPU when the batch is larger and the model has no BatchNorm; 0: never split)")
+                        f"{AUTO_ROWS} on the CPU when the batch is larger and the model has no BatchNorm; "
+                        "0: never split)")
     p.add_argument("--embedding-dim", type=int, default=None,
                    help=f"DLRM: every table's dim (default {DLRM_EMBEDDING_DIM}); tabular: cap of the schema's dims "
                         f"(default {TABULAR_MAX_DIM}; the seed notebook used 16); dcn: as tabular")

@@ -34,7 +34,7 @@ from ctrflow.train import ddp
 from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
 from ctrflow.train.evaluation import Evaluating
 from ctrflow.train.hooks import call_hook
-from ctrflow.train.micro import micro_batch_rows, split_batch
+from ctrflow.train.micro import SparseGradients, micro_batch_rows, split_batch
 from ctrflow.train.optim import build_optimizers, lr_factor, set_step_rows
 from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
@@ -147,11 +147,14 @@ class Trainer(Resumable, Evaluating):
             (loss / self.cfg.grad_accum).backward()
             return loss
         total, n = None, len(batch)
+        sparse = SparseGradients(self.model.parameters())  # joined once: autograd's adds are O(slices^2)
         for part in parts:
             share = len(part) / n
             loss = self.training_step(part, self.batch_in_epoch)
             (loss * (share / self.cfg.grad_accum)).backward()
+            sparse.take()
             total = loss.detach() * share if total is None else total + loss.detach() * share
+        sparse.join()
         return total
 
     def _set_lr(self) -> float:
