@@ -144,8 +144,12 @@ def _is_loopback(host: str) -> bool:
 def _banner(a: argparse.Namespace, info: dict[str, Any], port: int, token: str | None) -> None:
     shown = f"[{a.host}]" if ":" in a.host else a.host
     procs = f" ({a.processes} processes)" if a.processes > 1 else ""
+    fast = info.get("http") == "httptools" and info.get("loop") == "uvloop"
+    stack = f"HTTP: {info.get('http')} on {info.get('loop')}" + ("" if fast else
+                                                                 " (pip install 'ctrflow[serve]': httptools, uvloop)")
     print(f"serving {info.get('model_class')} from {info.get('checkpoint')} on {info.get('device')} at "
-          f"http://{shown}:{port}{procs} (docs: /docs){'; bearer token required' if token else ''}", file=sys.stderr)
+          f"http://{shown}:{port}{procs} (docs: /docs){'; bearer token required' if token else ''}; {stack}",
+          file=sys.stderr)
     if token is None and not _is_loopback(a.host):
         print(f"warning: listening on {a.host} without a token: anyone who can reach port {port} can call the API "
               f"(--token-file PATH or ${TOKEN_ENV})", file=sys.stderr)

@@ -7,6 +7,7 @@ Shared by ``python -m ctrflow.serve`` (one process) and each child of ``--proces
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import socket
 import sys
@@ -39,18 +40,37 @@ def build(a: argparse.Namespace, token: str | None, threads: int | None, process
     return predictor, app
 
 
+def http_stack() -> dict[str, str]:
+    """The HTTP parser and event loop uvicorn is given: httptools and uvloop when they import (the ``serve``
+    extra installs both; C code instead of Python for parsing requests and running the loop), else h11 and
+    asyncio. Chosen here rather than by uvicorn's ``auto``, so the start-up line names what is really used.
+    """
+    stack = {"http": "h11", "loop": "asyncio"}
+    with contextlib.suppress(ImportError):
+        import httptools  # noqa: F401
+
+        stack["http"] = "httptools"
+    if sys.platform != "win32":  # uvloop has no Windows build
+        with contextlib.suppress(ImportError):
+            import uvloop  # noqa: F401
+
+            stack["loop"] = "uvloop"
+    return stack
+
+
 def info(predictor: Any) -> dict[str, Any]:
     """What the start-up line names (plain strings: a child sends it to the parent)."""
     return {"model_class": str(predictor.info.get("model_class")), "checkpoint": str(predictor.info.get("checkpoint")),
-            "device": str(predictor.device)}
+            "device": str(predictor.device), **http_stack()}
 
 
 def run_uvicorn(app: Any, sock: socket.socket, a: argparse.Namespace) -> None:
-    """Serve ``app`` on the bound ``sock`` until SIGTERM / SIGINT (uvicorn's graceful shutdown)."""
+    """Serve ``app`` on the bound ``sock`` until SIGTERM / SIGINT (uvicorn's graceful shutdown), with the parser
+    and loop of :func:`http_stack`."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, host=a.host, port=sock.getsockname()[1], log_level=a.log_level)).run(
-        sockets=[sock])
+    config = uvicorn.Config(app, host=a.host, port=sock.getsockname()[1], log_level=a.log_level, **http_stack())
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def serve_child(address: tuple[int, Any], index: int, parent_pid: int, ready: Any, a: argparse.Namespace,

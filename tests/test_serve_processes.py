@@ -26,6 +26,7 @@ from test_serve import run  # noqa: E402,F401 - the module fixture: a tiny train
 from ctrflow.serve.__main__ import main as serve_main  # noqa: E402
 from ctrflow.serve.__main__ import parse_args  # noqa: E402
 from ctrflow.serve.processes import parse_processes, threads_per_process, usable_cores  # noqa: E402
+from ctrflow.serve.server import http_stack  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "s3cret-token-for-the-processes-test"
@@ -121,6 +122,7 @@ class Server:
             assert line or self.proc.poll() is None, f"the server exited with {self.proc.returncode}"
             m = re.search(r"at http://[^:]+:(\d+) \(2 processes\)", line)
             self.port = int(m.group(1)) if m else None
+            self.banner = line
             assert time.time() < deadline, "the server did not start"
         self.children = _servers(self.proc.pid)
 
@@ -146,6 +148,8 @@ def test_two_processes_serve_one_port_with_the_same_rules_and_stop_on_sigterm(ru
     s = Server(run[0], tmp_path, "--max-in-flight", "4")
     try:
         assert len(s.children) == 2, s.children
+        stack = http_stack()  # the children name the parser and loop they serve with on the start-up line
+        assert f"HTTP: {stack['http']} on {stack['loop']}" in s.banner, s.banner
         auth = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
         seen: set[int] = set()
         for _ in range(80):  # each new connection goes to the child that accepts it first
