@@ -22,10 +22,12 @@ one thread): JSON parse (the server's: orjson when installed), validation into t
 (``to_frame`` + ``Workflow.transform_frame``, the reference path), the model on the two sizes.
 
 Rows/s = rows answered / wall time of the phase. ``failed`` counts non-200 answers and connection
-errors; ``server alive`` is checked with ``/health`` after the load. The model: DLRM with fit.py's
-default sizes (dim 16, MLPs 512-256), trained ``--train-steps`` steps on generated data (the weights'
-quality does not change the cost), unless ``--run RUN --raw RAW`` point at an existing run. The
-generated data, its ETL output and that run are kept for later runs in
+errors; ``server alive`` is checked with ``/health`` after the load. ``server_cpu_ms_per_request``: the
+server's CPU time (user + system, every thread, ``--processes N``'s children included, read from ``/proc``)
+over the phase / requests; ``client_cpu_ms_per_request``: this process's (the client threads share the
+cores). The model: DLRM with fit.py's default sizes (dim 16, MLPs 512-256), trained ``--train-steps`` steps
+on generated data (the weights' quality does not change the cost), unless ``--run RUN --raw RAW`` point at
+an existing run. The generated data, its ETL output and that run are kept for later runs in
 ``CACHE/bench/serve-data-<rows>-steps<steps>-v<generator version>`` (CACHE: ``--cache-dir``, else
 ``$CTRFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/ctrflow`` or ``~/.cache/ctrflow``).
 
@@ -130,8 +132,30 @@ def start_server(run: str, port: int, max_rows: int, batching: bool = True, proc
     raise RuntimeError("the server did not answer /health within 120 s")
 
 
-def load(port: int, path: str, bodies: list[bytes], clients: int, expect: int) -> dict[str, Any]:
-    """Send every body once, ``clients`` at a time; latency per request and failures."""
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants (``--processes N``'s
+    children), from ``/proc``; None where there is no ``/proc``."""
+    tick, total, todo, seen = os.sysconf("SC_CLK_TCK"), 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (of every thread)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split() if int(c) not in seen]
+        except (OSError, ValueError, IndexError):
+            if p == pid:
+                return None
+    return total / tick
+
+
+def load(port: int, path: str, bodies: list[bytes], clients: int, expect: int, server_pid: int | None = None
+         ) -> dict[str, Any]:
+    """Send every body once, ``clients`` at a time; latency per request and failures, and CPU ms per request of
+    the server (``server_pid`` and its children, from ``/proc``) and of this process's client threads."""
     lock, next_i = threading.Lock(), [0]
     lat: list[float] = []
     failed = [0]
@@ -161,12 +185,18 @@ def load(port: int, path: str, bodies: list[bytes], clients: int, expect: int) -
         conn.close()
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
+    server0 = process_cpu_s(server_pid) if server_pid else None
+    t0, client0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return summarize(lat, time.perf_counter() - t0, expect, failed[0], clients)
+    out = summarize(lat, time.perf_counter() - t0, expect, failed[0], clients)
+    out["client_cpu_ms_per_request"] = 1000 * (time.process_time() - client0) / max(1, len(lat))
+    server1 = process_cpu_s(server_pid) if server_pid else None
+    if server0 is not None and server1 is not None:
+        out["server_cpu_ms_per_request"] = 1000 * (server1 - server0) / max(1, len(lat))
+    return out
 
 
 def summarize(lat: list[float], wall: float, rows: int, failed: int, clients: int) -> dict[str, Any]:
@@ -255,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         suffix = ("" if batching else ", no batching") + (f", {n} processes" if n > 1 else "")
         try:
             load(port, "/predict", bodies[: 2 * a.clients * n], a.clients, a.rows)  # warm-up, not counted
-            phase = {f"HTTP /predict{suffix}": load(port, "/predict", bodies, a.clients, a.rows)}
+            phase = {f"HTTP /predict{suffix}": load(port, "/predict", bodies, a.clients, a.rows, server.pid)}
             if batching and n == 1:
-                phase["HTTP /rank"] = load(port, "/rank", rank_bodies, a.clients, a.rows)
+                phase["HTTP /rank"] = load(port, "/rank", rank_bodies, a.clients, a.rows, server.pid)
                 phase[f"HTTP /predict{suffix}"]["batching"] = json.loads(get(port, "/metadata")[1])["batching"]
             alive = server.poll() is None and get(port, "/health")[0] == 200
             for r in phase.values():
@@ -291,11 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Serving: DLRM {pred.info.get('model_config', {}).get('over_arch_layer_sizes')} from {run}; "
           f"{a.rows} rows/request; {machine['cpu']}, {machine['cores']} cores, load {machine['load_avg']}")
     print(f"{'system':<34} {'clients':>7} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'rows/s':>9} "
-          f"{'failed':>6} {'server alive':>12}")
+          f"{'failed':>6} {'server alive':>12} {'server CPU ms/req':>17}")
     for name, r in results.items():
         alive = {True: "yes", False: "NO"}.get(r.get("server_alive"), "-")
+        cpu = r.get("server_cpu_ms_per_request")
         print(f"{name:<34} {r['clients']:>7} {r['requests']:>8} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['rows_per_s']:>9,.0f} {r['failed']:>6} {alive:>12}")
+              f"{r['rows_per_s']:>9,.0f} {r['failed']:>6} {alive:>12} {'-' if cpu is None else f'{cpu:.2f}':>17}")
     print(f"stages (thread CPU ms, median; {a.rows} rows per request, batch = {a.clients} requests): "
           + ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "batch_requests"))
     for n in counts:
