@@ -35,6 +35,7 @@ Usage:
     python bench/serve.py                          # table + CACHE/bench/serve.json
     python bench/serve.py --requests 400 --clients 8 --rows 256 --json out.json
     python bench/serve.py --processes 1,2,4        # the /predict row for each server process count
+    python bench/serve.py --amp                    # the model in bf16 autocast (serve --amp) everywhere
     python bench/serve.py --run runs/a --raw data/raw/synthetic-2000000-seed0/valid
 """
 
@@ -113,10 +114,11 @@ def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         conn.close()
 
 
-def start_server(run: str, port: int, max_rows: int, batching: bool = True, processes: int = 1) -> subprocess.Popen:
+def start_server(run: str, port: int, max_rows: int, batching: bool = True, processes: int = 1,
+                 amp: bool = False) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "ctrflow.serve", "--run", run, "--port", str(port),
                              "--max-rows", str(max_rows), "--log-level", "warning", "--processes", str(processes),
-                             *([] if batching else ["--no-batching"])],
+                             *([] if batching else ["--no-batching"]), *(["--amp"] if amp else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=400, help="HTTP requests in all (per endpoint)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--rows", type=int, default=256, help="rows (or candidates) per request")
+    p.add_argument("--amp", action="store_true",
+                   help="every server and the in-process predictor with --amp (the model in bf16 autocast)")
     p.add_argument("--processes", default="1,2",
                    help="server process counts to load with /predict (comma-separated; 1 also runs /rank, no batching)")
     p.add_argument("--baseline-requests", type=int, default=40, help="requests for the in-process baselines")
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     rank_bodies = [json.dumps({"context": {}, "candidates": r}).encode() for r in reqs]
     for batching, n in [(True, 1), *((True, n) for n in counts[1:]), (False, 1)]:
         port = free_port()
-        server = start_server(run, port, max(a.rows, 10_000), batching, n)
+        server = start_server(run, port, max(a.rows, 10_000), batching, n, a.amp)
         suffix = ("" if batching else ", no batching") + (f", {n} processes" if n > 1 else "")
         try:
             load(port, "/predict", bodies[: 2 * a.clients * n], a.clients, a.rows)  # warm-up, not counted
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     from ctrflow.etl import Dataset
     from ctrflow.serve import Predictor
 
-    pred = Predictor.from_run(run, device="cpu")
+    pred = Predictor.from_run(run, device="cpu", amp=a.amp)
     base = reqs[: a.baseline_requests]
     pred.predict(base[0])
     results["Predictor.predict (in-process)"] = in_process(pred.predict, base, a.rows)

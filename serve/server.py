@@ -30,7 +30,7 @@ def build(a: argparse.Namespace, token: str | None, threads: int | None, process
     if threads:
         torch.set_num_threads(threads)
     predictor = Predictor.from_run(a.run, device=a.device, batch_size=a.batch_size, checkpoint=a.checkpoint,
-                                   data_dir=a.data)
+                                   data_dir=a.data, amp=a.amp)
     app = create_app(predictor, max_rows=a.max_rows, max_bytes=a.max_bytes, batching=not a.no_batching,
                      max_in_flight=a.max_in_flight, token=token, processes=processes)
     # What is loaded now lives as long as the server: out of the cyclic GC's reach, a full collection

@@ -85,6 +85,16 @@ def test_raw_rows_score_like_the_processed_rows_in_training(predictor, run, raw)
     np.testing.assert_allclose(small.predict(raw), expected, atol=1e-5, rtol=0)
 
 
+def test_amp_scores_the_same_transform_in_bf16(predictor, run, raw):
+    # --amp: the model under bf16 autocast, the transform untouched: close to fp32, not equal (it ran in bf16).
+    amp = Predictor.from_run(run[0], device="cpu", amp=True)
+    assert amp.amp and amp.metadata()["model"]["amp"] and not predictor.metadata()["model"]["amp"]
+    fp32, bf16 = predictor.predict(raw), amp.predict(raw)
+    assert bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)
+    np.testing.assert_allclose(bf16, fp32, atol=2e-2, rtol=0)
+    assert np.corrcoef(fp32, bf16)[0, 1] > 0.99
+
+
 def test_transform_frame_is_the_etl_transform(predictor, run):
     arrow_read = Dataset(str(run[1]), engine="parquet")
     offline = predictor.workflow.transform(arrow_read).to_ddf().compute().reset_index(drop=True)
