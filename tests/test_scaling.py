@@ -10,7 +10,7 @@ import torch
 
 from ctrflow.train.config import EMBEDDING_LR, LR, TrainConfig
 from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, set_step_rows
-from ctrflow.train.scaling import batch_scaling, clip_floor
+from ctrflow.train.scaling import batch_scaling, clip_floor, embedding_l2
 
 
 @pytest.mark.parametrize("batch", [1, 128, 512])
@@ -27,9 +27,18 @@ def test_the_rule_scales_like_cowclip(batch, k):
     assert s.k == pytest.approx(k)
     assert s.lr_factor == pytest.approx(math.sqrt(kk))  # dense lr: square root
     assert s.embedding_lr_factor == 1.0  # embedding lr: unchanged
-    assert s.embedding_l2 == pytest.approx(5e-6 * kk)  # L2: linear (CowClip: 1e-5 per 1K rows)
+    # L2: CowClip's linear 5e-6 x k at 128x and beyond, ramping in from 0 at 16x (batch 8192)
+    assert s.embedding_l2 == pytest.approx(0.0 if kk <= 16 else 5e-6 * 128 * (kk - 16) / 112)
     assert s.clip_ratio == 1.0
     assert 0.05 < s.warmup_share <= 0.25
+
+
+def test_the_embedding_l2_ramps_in_continuously_and_reaches_cowclips_value():
+    ks = [1, 2, 8, 16, 16.5, 17, 32, 64, 100, 127.9, 128, 200, 781.25, 10**6]
+    l2 = [embedding_l2(min(k, 128)) for k in ks]
+    assert l2[:4] == [0.0] * 4 and all(a <= b for a, b in zip(l2, l2[1:], strict=False))  # none up to 16x, then up
+    assert l2[4] < 1e-5 and l2[-1] == l2[10] == pytest.approx(5e-6 * 128)  # continuous at 16x, held from 128x
+    assert batch_scaling(1024).embedding_l2 == 0.0  # at 1024 CowClip's 1e-5 cost 0.0014 AUC (bench/RESULTS.md)
 
 
 def test_the_rule_grows_with_the_batch_and_rejects_nonsense():

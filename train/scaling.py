@@ -31,6 +31,12 @@ from dataclasses import dataclass
 
 REFERENCE_BATCH = 512  # the batch size the defaults (ctrflow.train.config.LR ...) were tuned at
 EMBEDDING_L2_PER_REFERENCE = 5e-6  # CowClip's 1e-5 per 1K rows of batch, per 512
+# The L2 ramps in from 0 at k = L2_FROM_SCALE to CowClip's value at MAX_SCALE. CowClip keeps its base batch's
+# L2 per epoch, and the batch-512 defaults have none; the measurements support an L2 only for large k (few
+# steps per epoch): at k = 128 (55 steps) it gained +0.0026 AUC, at k = 2 (1024 rows, 3,516 steps) CowClip's
+# 1e-5 lost 0.0014 (0.77414 vs 0.77545 without the rule, 0.77539 with the rule but no L2; bench/RESULTS.md
+# "Large batches (#16)").
+L2_FROM_SCALE = 16.0
 # (bench/RESULTS.md "Large batches (#16)": at 65536 rows, 0 lost 0.0026 AUC and 2x lost 0.0034 against this.)
 # CowClip's r, in mean-loss units (limit r * cnt / B * max(||w||, zeta)): at 65536 rows it clips ~half the
 # lookups, and r = 0.5 / 1 / 2 were within 0.0003 AUC (bench/RESULTS.md "Large batches (#16)").
@@ -90,10 +96,22 @@ def batch_scaling(batch_size: int, reference: int = REFERENCE_BATCH) -> BatchSca
         k=k,
         lr_factor=math.sqrt(kk),
         embedding_lr_factor=1.0,
-        embedding_l2=EMBEDDING_L2_PER_REFERENCE * kk,
+        embedding_l2=embedding_l2(kk),
         clip_ratio=CLIP_RATIO,
         warmup_share=warmup,
     )
+
+
+def embedding_l2(k: float) -> float:
+    """The rule's L2 on touched embedding rows for a batch ``k`` times the reference (k already capped).
+
+    0 up to ``L2_FROM_SCALE``, then linear up to CowClip's ``EMBEDDING_L2_PER_REFERENCE * MAX_SCALE`` at
+    ``MAX_SCALE`` (held beyond): continuous in ``k``.
+    """
+    if k <= L2_FROM_SCALE:
+        return 0.0
+    top = EMBEDDING_L2_PER_REFERENCE * MAX_SCALE
+    return top * (min(k, MAX_SCALE) - L2_FROM_SCALE) / (MAX_SCALE - L2_FROM_SCALE)
 
 
 def clip_floor(dim: int) -> float:
