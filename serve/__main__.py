@@ -68,8 +68,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto (default: CUDA when available) | cpu | cuda[:i]")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per model call")
     p.add_argument("--amp", action="store_true",
-                   help="run the model in bfloat16 autocast (~2x its GEMMs on CPUs with avx512_bf16 / AMX and on "
-                        "CUDA; scores differ from fp32 by ~1e-3; the transform is unchanged) (default: fp32)")
+                   help="run the model in bfloat16 autocast (for CUDA, or a CPU with avx512_bf16 / AMX; scores "
+                        "differ from fp32 by ~1e-3; the transform is unchanged) (default: fp32)")
     p.add_argument("--no-batching", action="store_true",
                    help="score each request on its own (default: concurrent requests share model calls)")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's newest)")

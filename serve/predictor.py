@@ -93,8 +93,8 @@ class Predictor:
         device: ``None`` / ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda[:i]"``.
         batch_size: rows per model call.
         info: extra metadata shown by :meth:`metadata` (run dir, checkpoint...).
-        amp: run the model under bfloat16 autocast (the GEMMs ~2x on a CPU with avx512_bf16 or AMX, and on
-            CUDA); scores then differ from fp32 by ~1e-3. The workflow's transform is unchanged either way.
+        amp: run the model under bfloat16 autocast (for CUDA, or a CPU with avx512_bf16 / AMX); scores then
+            differ from fp32 by ~1e-3. The workflow's transform is unchanged either way.
     """
 
     def __init__(self, model: torch.nn.Module, workflow: Workflow, schema: Schema, task: str = "binary",
