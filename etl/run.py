@@ -206,12 +206,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--update needs --input NEW_DAY (the new day's files)")
     if (args.decay is not None or args.force) and not args.update:
         raise UsageError("--decay and --force apply to --update only")
-    if args.label_values is not None:
-        values = [v.strip() for v in args.label_values.split(",")]
-        if args.task != "binary" or len(values) != 2 or not all(values) or values[0] == values[1]:
-            raise UsageError(f"--label-values expects two different values NEGATIVE,POSITIVE with --task binary, "
-                             f"got {args.label_values!r} (task {args.task})")
-        args.label_values = values
+    if args.label_values is not None:  # checked now, before any input is read
+        from ctrflow.etl.ops.label import check_label_values
+
+        try:
+            args.label_values = check_label_values(args.label_values.split(","), args.task, "--label-values")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if args.decay is not None and not 0 < args.decay <= 1:
         raise UsageError(f"--decay must be in (0, 1], got {args.decay}")
     if args.part_size is not None and args.part_size.isdigit():

@@ -62,9 +62,10 @@ class SparseGradients:
 
     Autograd adds each slice's sparse gradient into ``param.grad`` by concatenation, copying everything
     gathered so far: ``k`` slices cost ``O(k^2)`` copies of one slice's rows (a 400,000-row batch in 25
-    slices copies ~9 GB). Taking each slice's gradient out and concatenating all of them at the end is
-    ``O(k)`` and gives the same uncoalesced tensor (the same indices and values in the same order), so
-    the optimizers (CowClip's lookup counts included) see exactly what autograd would have left.
+    slices copies ~9 GB), and it merges some duplicate lookups on the way. Taking each slice's gradient
+    out and concatenating all of them at the end is ``O(k)`` and keeps one entry per lookup, as the whole
+    batch's backward does, so the optimizers (CowClip's lookup counts included) see the whole batch's
+    gradient (``tests/test_micro_batch.py``).
 
     Args:
         params: the model's parameters (only those that receive sparse gradients are touched).

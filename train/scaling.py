@@ -9,7 +9,8 @@ with no loss of AUC using, for a batch ``k`` times the reference:
   1K, 90.5e-4 at 128K, one warm-up epoch);
 * the embedding learning rate unchanged;
 * the embedding L2 weight times ``k`` (1e-5 at 1K to 128e-5 at 128K), so the decay per *epoch*
-  stays the same although there are ``k`` times fewer steps;
+  stays the same although there are ``k`` times fewer steps (here: ramped in from 0 at 16x, since the
+  batch-512 defaults have no L2; see :func:`embedding_l2`);
 * adaptive column-wise clipping of each id's embedding gradient: the gradient of row ``j`` is
   clipped to ``r * cnt_j * max(||w_j||, zeta)`` where ``cnt_j`` is the number of times the batch
   looked the id up (``r = 1``, ``zeta = 1e-5 * sqrt(D)`` for Criteo), so an id seen thousands of

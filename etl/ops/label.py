@@ -50,13 +50,7 @@ class Label(ColumnOp):
     def __init__(self, task: str = "binary", values: list[str] | None = None) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if values is not None:
-            values = [str(v).strip() for v in values]
-            if task != "binary":
-                raise ValueError("label values (NEGATIVE,POSITIVE) apply to --task binary only")
-            if len(values) != 2 or not all(values) or values[0] == values[1]:
-                raise ValueError(f"label values must be two different values NEGATIVE,POSITIVE, got {values}")
-        self.task, self.values = task, values
+        self.task, self.values = task, None if values is None else check_label_values(values, task)
 
     def params(self) -> dict[str, Any]:
         return {"task": self.task, "values": self.values}
@@ -68,6 +62,19 @@ class Label(ColumnOp):
             raise LabelError(label_message(name, self.task, int(bad.sum()), example, "in one partition",
                                            self.values))
         return dispatch.series_like(series, y.astype(np.float32), name=name)
+
+
+def check_label_values(values: list[Any], task: str, what: str = "label values") -> list[str]:
+    """``[negative, positive]`` as stripped text, or ``ValueError`` naming ``what`` (not two different
+    non-empty values, or a task other than binary): the one check behind :class:`Label` and
+    ``etl/run.py --label-values``."""
+    values = [str(v).strip() for v in values]
+    if task != "binary":
+        raise ValueError(f"{what} expects two different values NEGATIVE,POSITIVE for --task binary only, "
+                         f"not --task {task}")
+    if len(values) != 2 or not all(values) or values[0] == values[1]:
+        raise ValueError(f"{what} expects two different values NEGATIVE,POSITIVE, got {','.join(values)!r}")
+    return values
 
 
 def is_text(series: Any) -> bool:
@@ -142,9 +149,7 @@ def _text_masks(series: Any, values: list[str] | None) -> tuple[Any, Any]:
 def _example(series: Any, bad: Any) -> Any:
     """The first bad value as the input held it (text stays text; a null reads None)."""
     i = int(dispatch.to_numpy(bad).argmax())
-    v = series.iloc[i]
-    if dispatch.is_gpu_object(series):
-        v = series.iloc[i : i + 1].to_pandas().iloc[0]
+    v = series.iloc[i : i + 1].to_pandas().iloc[0] if dispatch.is_gpu_object(series) else series.iloc[i]
     if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
         return float("nan")
     return v if isinstance(v, str) else float(v)
