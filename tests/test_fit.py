@@ -357,12 +357,15 @@ def test_fit_reports_the_best_epoch(data, tmp_path, capsys):
 def test_regularisation_flags_reach_the_optimizers(data, tmp_path):
     out = tmp_path / "run"
     assert main(["--data", str(data), "--out", str(out), "--max-steps", "2", "--weight-decay", "0.01",
-                 "--embedding-l2", "0.001", "--no-loader-bench", *FAST]) == 0
+                 "--embedding-l2", "0.001", "--grad-clip", "0.5", "--no-loader-bench", *FAST]) == 0
     import torch
 
     state = torch.load(out / "checkpoints" / "ckpt-00000002.pt", weights_only=True)
     dense, tables = (o["param_groups"][0] for o in state["optimizers"])
     assert dense["weight_decay"] == 0.01 and tables["l2"] == 0.001 and tables["clip"] == 0.0
+    assert state["config"]["train"]["grad_clip"] == 0.5
+    assert main(["--data", str(data), "--out", str(tmp_path / "bad"), "--grad-clip", "-1", "--no-loader-bench",
+                 *FAST]) == 2
 
 
 def test_dropout_flag_reaches_the_model(data, tmp_path):

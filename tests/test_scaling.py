@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from ctrflow.train.config import EMBEDDING_LR, LR, TrainConfig
-from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, set_step_rows
-from ctrflow.train.scaling import batch_scaling, clip_floor, embedding_l2
+from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, clip_dense_gradients, set_step_rows
+from ctrflow.train.scaling import GRAD_CLIP, batch_scaling, clip_floor, embedding_l2
 
 
 @pytest.mark.parametrize("batch", [1, 128, 512])
 def test_the_rule_is_the_identity_up_to_the_reference(batch):
     s = batch_scaling(batch)
-    assert (s.k, s.lr_factor, s.embedding_lr_factor, s.embedding_l2, s.clip_ratio, s.warmup_share) == (
-        1.0, 1.0, 1.0, 0.0, 0.0, 0.0)
+    assert (s.k, s.lr_factor, s.embedding_lr_factor, s.embedding_l2, s.clip_ratio, s.warmup_share, s.grad_clip) == (
+        1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("batch, k", [(1024, 2), (8192, 16), (65536, 128), (400_000, 400_000 / 512)])
@@ -25,12 +25,14 @@ def test_the_rule_scales_like_cowclip(batch, k):
     s = batch_scaling(batch)
     kk = min(k, 128)  # held beyond the 128x CowClip verified (400000 uses 65536's values)
     assert s.k == pytest.approx(k)
-    assert s.lr_factor == pytest.approx(math.sqrt(kk))  # dense lr: square root
+    boost = 1.0 if kk <= 16 else 2 ** (math.log2(kk / 16) / 3)  # x2 at 128x, with the gradient clip
+    assert s.lr_factor == pytest.approx(math.sqrt(kk) * boost)  # dense lr: square root (boosted when clipped)
     assert s.embedding_lr_factor == 1.0  # embedding lr: unchanged
     # L2: CowClip's linear 5e-6 x k at 128x and beyond, ramping in from 0 at 16x (batch 8192)
     assert s.embedding_l2 == pytest.approx(0.0 if kk <= 16 else 5e-6 * 128 * (kk - 16) / 112)
     assert s.clip_ratio == 1.0
     assert 0.05 < s.warmup_share <= 0.25
+    assert s.grad_clip == (GRAD_CLIP if kk > 16 else 0.0)  # the MLPs' gradient: clipped in the few-step regime only
 
 
 def test_the_embedding_l2_ramps_in_continuously_and_reaches_cowclips_value():
@@ -50,15 +52,19 @@ def test_the_rule_grows_with_the_batch_and_rejects_nonsense():
 
 def test_train_config_applies_the_rule_to_defaults_only():
     big = TrainConfig(batch_size=65536)
-    assert big.lr == pytest.approx(LR["adam"] * math.sqrt(128)) and big.embedding_lr == EMBEDDING_LR["adam"]
+    assert big.lr == pytest.approx(LR["adam"] * 2 * math.sqrt(128)) and big.embedding_lr == EMBEDDING_LR["adam"]
     assert big.embedding_l2 == pytest.approx(5e-6 * 128) and big.embedding_clip == 1.0 and big.warmup_steps > 0.05
+    assert big.grad_clip == GRAD_CLIP
     assert TrainConfig(batch_size=65536, lr=0.002).lr == 0.002  # an explicit value is kept
+    assert TrainConfig(batch_size=65536, grad_clip=0).grad_clip == 0
     off = TrainConfig(batch_size=65536, batch_scaling=False)
-    assert (off.lr, off.embedding_l2, off.embedding_clip, off.warmup_steps) == (LR["adam"], 0.0, 0.0, 0.05)
+    assert (off.lr, off.embedding_l2, off.embedding_clip, off.warmup_steps, off.grad_clip) == (
+        LR["adam"], 0.0, 0.0, 0.05, 0.0)
     # rows per step count accumulation and ranks
     assert TrainConfig(batch_size=256, grad_accum=4, world_size=2).rows_per_step == 2048
     base = TrainConfig()
-    assert (base.lr, base.embedding_l2, base.embedding_clip, base.warmup_steps) == (LR["adam"], 0.0, 0.0, 0.05)
+    assert (base.lr, base.embedding_l2, base.embedding_clip, base.warmup_steps, base.grad_clip) == (
+        LR["adam"], 0.0, 0.0, 0.05, 0.0)
 
 
 def _dense_cowclip(w, ids, grads, r, floor, l2, rows=1):
@@ -165,7 +171,56 @@ def test_a_large_batch_run_on_small_data_stays_finite(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [{"epochs": 0}, {"grad_accum": 0}, {"batch_size": 0}, {"patience": 0},
-                                 {"max_steps": 0}, {"stop_after": 0}, {"select": "f1"}, {"task": "multiclass"}])
+                                 {"max_steps": 0}, {"stop_after": 0}, {"select": "f1"}, {"task": "multiclass"},
+                                 {"grad_clip": -1.0}])
 def test_train_config_refuses_nonsense(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+def test_dense_clipping_matches_a_reference_and_leaves_sparse_gradients_alone(max_norm):
+    torch.manual_seed(0)
+    emb, lin = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 3)
+    loss = lin(emb(torch.tensor([1, 2, 2, 7]))).square().sum()
+    loss.backward()
+    dense = [lin.weight.grad.clone(), lin.bias.grad.clone()]
+    sparse = emb.weight.grad.coalesce().values().clone()
+    norm = torch.sqrt(sum(g.square().sum() for g in dense))
+    got = clip_dense_gradients([emb.weight, lin.weight, lin.bias, torch.nn.Parameter(torch.ones(2))], max_norm)
+    assert float(got) == pytest.approx(float(norm), rel=1e-6)  # the norm before clipping, dense grads only
+    scale = min(1.0, max_norm / float(norm))
+    for g, ref in zip((lin.weight.grad, lin.bias.grad), dense, strict=True):
+        assert torch.allclose(g, ref * scale, rtol=1e-5, atol=1e-12)
+    assert torch.equal(emb.weight.grad.coalesce().values(), sparse)  # CowClip's business, not this clip's
+    assert clip_dense_gradients([emb.weight], 1.0) is None
+
+
+def test_the_trainer_clips_the_dense_step():
+    from ctrflow.loader.tensors import TensorLoader
+    from ctrflow.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    cat, x = torch.randint(0, 5, (64, 1)), torch.randn(64, 2) * 100  # large inputs: a large gradient
+    y = (x[:, 0] > 0).float()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(5, 1, sparse=True), torch.nn.Linear(2, 1)
+
+        def forward(self, c, v):
+            return self.lin(v) + self.emb(c).sum(1)
+
+    def dense_step(clip):
+        torch.manual_seed(1)
+        m = Model()
+        before = [p.detach().clone() for p in m.lin.parameters()]
+        Trainer(m, optimizer="sgd", lr=1.0, decay="none", warmup_steps=0, grad_clip=clip, verbose=False,
+                progress=False, tensorboard=False, plot=False, select="none", device="cpu",
+                max_steps=1).fit(TensorLoader(cat, x, y, batch_size=64, shuffle=False))
+        return torch.sqrt(sum((p.detach() - b).square().sum() for p, b in zip(m.lin.parameters(), before,
+                                                                               strict=True)))
+
+    assert float(dense_step(0.0)) > 1.0  # SGD, lr 1: the step is the gradient, far above the limit
+    assert float(dense_step(0.25)) == pytest.approx(0.25, rel=1e-4)

@@ -37,10 +37,13 @@ class TrainConfig:
             :data:`LR` / :data:`EMBEDDING_LR` of the (embedding) optimizer, scaled by the batch rule.
         batch_scaling: apply :func:`ctrflow.train.scaling.batch_scaling` for the rows per optimizer step
             (``batch_size * grad_accum * world_size``): it sets the defaults of ``lr``,
-            ``embedding_lr``, ``embedding_l2`` and ``embedding_clip`` and lengthens a shared warm-up;
+            ``embedding_lr``, ``embedding_l2``, ``embedding_clip`` and ``grad_clip`` and lengthens a shared warm-up;
             values given explicitly are kept. Off: the batch-512 defaults at any batch.
         embedding_l2, embedding_clip: L2 weight on the embedding rows a batch touches and CowClip's
             ratio (None: by the batch rule, 0 at or below batch 512).
+        grad_clip: largest global L2 norm of the dense (non-embedding) parameters' gradient before each
+            optimizer step (:func:`ctrflow.train.optim.clip_dense_gradients`; 0: none; None: by the batch
+            rule, 0 at or below batch 512).
         world_size: ranks whose batches make one optimizer step (torchrun), for the batch rule.
         select: the validation metric that picks the best checkpoint (``auto``: AUC for binary, RMSE
             for regression; ``none``: no selection); the best is kept as ``best.pt`` in the run dir.
@@ -79,6 +82,7 @@ class TrainConfig:
     batch_scaling: bool = True
     embedding_l2: float | None = None
     embedding_clip: float | None = None
+    grad_clip: float | None = None
     world_size: int = 1
     select: str = "auto"
     patience: int | None = None
@@ -131,6 +135,10 @@ class TrainConfig:
             self.embedding_l2 = rule.embedding_l2
         if self.embedding_clip is None:
             self.embedding_clip = rule.clip_ratio
+        if self.grad_clip is None:
+            self.grad_clip = rule.grad_clip
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if 0 <= self.warmup_steps < 1:  # a share of the run: the rule may lengthen it
             self.warmup_steps = max(self.warmup_steps, rule.warmup_share)
 

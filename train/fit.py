@@ -154,7 +154,8 @@ def _say_scaling(cfg: Any) -> None:
     if cfg.batch_scaling and cfg.rows_per_step > REFERENCE_BATCH:
         print(f"batch scaling: {cfg.rows_per_step:,} rows per step = {cfg.rows_per_step / REFERENCE_BATCH:.1f}x "
               f"batch {REFERENCE_BATCH}: lr {cfg.lr:.4g}, embedding lr {cfg.embedding_lr:.4g}, warm-up "
-              f"{cfg.warmup_steps:.3g}, embedding L2 {cfg.embedding_l2:.3g}, CowClip r={cfg.embedding_clip:g} "
+              f"{cfg.warmup_steps:.3g}, embedding L2 {cfg.embedding_l2:.3g}, CowClip r={cfg.embedding_clip:g}"
+              f"{f', MLP gradient norm <= {cfg.grad_clip:g}' if cfg.grad_clip else ''} "
               "(--no-batch-scaling: off)", file=sys.stderr, flush=True)
 
 
@@ -269,7 +270,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         lr=a.lr, embedding_lr=a.embedding_lr, embedding_optimizer=a.embedding_optimizer,
         batch_scaling=not a.no_batch_scaling, world_size=ddp.world_size(), select=a.select, patience=a.patience,
         target=_target(a, schema) if a.task == "regression" else None,
-        weight_decay=a.weight_decay, embedding_l2=a.embedding_l2,
+        weight_decay=a.weight_decay, embedding_l2=a.embedding_l2, grad_clip=a.grad_clip,
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
         max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum, micro_batch=a.micro_batch,
         eval_every=_eval_every(a, batches), log_every=a.log_every, checkpoint_every=a.checkpoint_every,

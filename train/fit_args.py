@@ -70,10 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embedding-l2", type=float, default=None,
                    help="L2 on the embedding rows each batch touches, row-sparse (default: the batch rule's, "
                         "0 at batch <= 512)")
+    p.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
+                   help="clip the global L2 norm of the MLPs' gradient to NORM before each step (0: never; "
+                        "default: the batch rule's, 0 at batch <= 512)")
     p.add_argument("--no-batch-scaling", action="store_true",
                    help="keep the batch-512 learning rates at any --batch-size (default: above 512 rows per step "
-                        "the dense lr grows with sqrt(batch / 512), the warm-up lengthens, and the tables get "
-                        "CowClip clipping and an L2 that grows with the batch; see ctrflow.train.scaling)")
+                        "the dense lr grows with sqrt(batch / 512), the warm-up lengthens, the tables get "
+                        "CowClip clipping and an L2 that grows with the batch, and from 16x the MLPs' gradient "
+                        "norm is clipped and their lr boosted; see ctrflow.train.scaling)")
     p.add_argument("--warmup", type=float, default=D["warmup_steps"], help="warm-up steps (< 1: share of the run)")
     p.add_argument("--decay", choices=("cosine", "linear", "none"), default=D["decay"],
                    help="learning-rate decay after the warm-up")
@@ -159,8 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.y_range = (lo, hi)
     if a.dropout is not None and not 0 <= a.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {a.dropout}")
-    if a.weight_decay < 0 or a.embedding_l2 is not None and a.embedding_l2 < 0:
-        p.error("--weight-decay and --embedding-l2 must be >= 0")
+    if a.weight_decay < 0 or a.embedding_l2 is not None and a.embedding_l2 < 0 or (a.grad_clip or 0) < 0:
+        p.error("--weight-decay, --embedding-l2 and --grad-clip must be >= 0")
     if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:
         p.error("learning rates must be > 0")
     return a

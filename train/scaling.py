@@ -6,7 +6,8 @@ Time from 12 hours to 10 minutes on 1 GPU"), which trained DeepFM on Criteo from
 with no loss of AUC using, for a batch ``k`` times the reference:
 
 * the dense (MLP) learning rate times ``sqrt(k)``, reached by a linear warm-up (their table: 8e-4 at
-  1K, 90.5e-4 at 128K, one warm-up epoch);
+  1K, 90.5e-4 at 128K, one warm-up epoch); here, above 16x, times a boost that ramps up to 2 at 128x,
+  together with a clip of the MLPs' gradient norm (see :data:`GRAD_CLIP`);
 * the embedding learning rate unchanged;
 * the embedding L2 weight times ``k`` (1e-5 at 1K to 128e-5 at 128K), so the decay per *epoch*
   stays the same although there are ``k`` times fewer steps (here: ramped in from 0 at 16x, since the
@@ -49,6 +50,17 @@ MAX_WARMUP_SHARE = 0.25  # never spend more than this share of the run warming u
 # k = 781 (400000 rows, 90 steps on 36M rows) gave 0.76586, below the 0.77030 measured there without
 # the rule (issue #16). Beyond 128x the 128x values are used; unmeasured at 400000 since.
 MAX_SCALE = 128.0
+# The few-step regime (k = 128, ~100 steps an epoch): Adam's second moment (beta2 = 0.999) keeps the large
+# gradients of the first steps for the whole run, so the later steps are small, and a higher dense lr is
+# unstable without a clip (1.5x and 3x diverged, 2x gained). Clipping the MLPs' global gradient norm to
+# GRAD_CLIP makes the steps even and 2x sqrt(k) stable: DLRM, 7.2M rows, batch 65536 (110 steps), valid AUC
+# 0.76676 -> 0.76948 with the clip, 0.77207 with the clip and 2x the lr (clip 0.01 / 0.03 / 0.1 with 2x:
+# 0.77048 / 0.77181 / 0.77150; 3x with 0.1: 0.77001); at k = 16 (880 steps) neither helped (0.77333 ->
+# 0.77310 clipped, 0.77282 with 2x). So both start above GRAD_CLIP_FROM_SCALE, the boost growing with log k
+# up to DENSE_LR_BOOST at MAX_SCALE (bench/RESULTS.md "Large batches (#16)": "The clipped few-step rule").
+GRAD_CLIP = 0.05
+GRAD_CLIP_FROM_SCALE = 16.0
+DENSE_LR_BOOST = 2.0
 
 
 @dataclass(frozen=True)
@@ -58,11 +70,12 @@ class BatchScaling:
     Attributes:
         k: batch size / reference batch size (values below 1 count as 1: no change; the factors use
             ``min(k, MAX_SCALE)``).
-        lr_factor: multiplier of the dense learning rate (``sqrt(k)``).
+        lr_factor: multiplier of the dense learning rate (``sqrt(k)`` times :func:`dense_lr_boost`).
         embedding_lr_factor: multiplier of the embedding learning rate (1: unchanged).
         embedding_l2: L2 weight on the embedding rows a batch touches (0 at or below the reference).
         clip_ratio: CowClip's ``r`` (0: no clipping, at or below the reference).
         warmup_share: the least share of the run spent warming the learning rates up.
+        grad_clip: largest global L2 norm of the MLPs' gradient per step (0: no clipping).
     """
 
     k: float
@@ -71,6 +84,7 @@ class BatchScaling:
     embedding_l2: float
     clip_ratio: float
     warmup_share: float
+    grad_clip: float = 0.0
 
 
 def batch_scaling(batch_size: int, reference: int = REFERENCE_BATCH) -> BatchScaling:
@@ -95,11 +109,12 @@ def batch_scaling(batch_size: int, reference: int = REFERENCE_BATCH) -> BatchSca
     warmup = min(MAX_WARMUP_SHARE, 0.05 + 0.015 * math.log2(kk))
     return BatchScaling(
         k=k,
-        lr_factor=math.sqrt(kk),
+        lr_factor=math.sqrt(kk) * dense_lr_boost(kk),
         embedding_lr_factor=1.0,
         embedding_l2=embedding_l2(kk),
         clip_ratio=CLIP_RATIO,
         warmup_share=warmup,
+        grad_clip=GRAD_CLIP if kk > GRAD_CLIP_FROM_SCALE else 0.0,
     )
 
 
@@ -113,6 +128,15 @@ def embedding_l2(k: float) -> float:
         return 0.0
     top = EMBEDDING_L2_PER_REFERENCE * MAX_SCALE
     return top * (min(k, MAX_SCALE) - L2_FROM_SCALE) / (MAX_SCALE - L2_FROM_SCALE)
+
+
+def dense_lr_boost(k: float) -> float:
+    """The dense lr's factor on top of ``sqrt(k)`` (k already capped): 1 up to ``GRAD_CLIP_FROM_SCALE``, then
+    growing with ``log k`` to ``DENSE_LR_BOOST`` at ``MAX_SCALE`` (the range where the clip holds it stable)."""
+    if k <= GRAD_CLIP_FROM_SCALE:
+        return 1.0
+    frac = math.log(min(k, MAX_SCALE) / GRAD_CLIP_FROM_SCALE) / math.log(MAX_SCALE / GRAD_CLIP_FROM_SCALE)
+    return DENSE_LR_BOOST**frac
 
 
 def clip_floor(dim: int) -> float:

@@ -35,7 +35,7 @@ from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
 from ctrflow.train.evaluation import Evaluating
 from ctrflow.train.hooks import call_hook
 from ctrflow.train.micro import SparseGradients, micro_batch_rows, split_batch
-from ctrflow.train.optim import build_optimizers, lr_factor, set_step_rows
+from ctrflow.train.optim import build_optimizers, clip_dense_gradients, lr_factor, set_step_rows
 from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
 from ctrflow.train.resumable import Resumable
@@ -173,6 +173,8 @@ class Trainer(Resumable, Evaluating):
         if self.sync is not None:
             self.sync.sync()  # gradients DDP does not average (the sparse tables)
         lr = self._set_lr()
+        if self.cfg.grad_clip:  # after DDP's averaging and the accumulation: the step's whole gradient
+            clip_dense_gradients(self.model.parameters(), self.cfg.grad_clip)
         for opt in self.optimizers:
             opt.step()
         for opt in self.optimizers:
