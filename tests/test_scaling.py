@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from ctrflow.train.clip import clip_dense_gradients
 from ctrflow.train.config import EMBEDDING_LR, LR, TrainConfig
-from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, clip_dense_gradients, set_step_rows
+from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, set_step_rows
 from ctrflow.train.scaling import GRAD_CLIP, batch_scaling, clip_floor, embedding_l2
 
 

@@ -42,7 +42,7 @@ class TrainConfig:
         embedding_l2, embedding_clip: L2 weight on the embedding rows a batch touches and CowClip's
             ratio (None: by the batch rule, 0 at or below batch 512).
         grad_clip: largest global L2 norm of the dense (non-embedding) parameters' gradient before each
-            optimizer step (:func:`ctrflow.train.optim.clip_dense_gradients`; 0: none; None: by the batch
+            optimizer step (:func:`ctrflow.train.clip.clip_dense_gradients`; 0: none; None: by the batch
             rule, 0 at or below batch 512).
         world_size: ranks whose batches make one optimizer step (torchrun), for the batch rule.
         select: the validation metric that picks the best checkpoint (``auto``: AUC for binary, RMSE

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctrflow.train import ddp
+from ctrflow.train.clip import clip_dense_gradients
 from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
 from ctrflow.train.evaluation import Evaluating
 from ctrflow.train.hooks import call_hook
 from ctrflow.train.micro import SparseGradients, micro_batch_rows, split_batch
-from ctrflow.train.optim import build_optimizers, clip_dense_gradients, lr_factor, set_step_rows
+from ctrflow.train.optim import build_optimizers, lr_factor, set_step_rows
 from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
 from ctrflow.train.resumable import Resumable
