@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-batch-scaling", action="store_true",
                    help="keep the batch-512 learning rates at any --batch-size (default: above 512 rows per step "
                         "the dense lr grows with sqrt(batch / 512), the warm-up lengthens, the tables get "
-                        "CowClip clipping and an L2 that grows with the batch, and from 16x the MLPs' gradient "
+                        "CowClip clipping and an L2 that grows with the batch, and above 16x the MLPs' gradient "
                         "norm is clipped and their lr boosted; see ctrflow.train.scaling)")
     p.add_argument("--warmup", type=float, default=D["warmup_steps"], help="warm-up steps (< 1: share of the run)")
     p.add_argument("--decay", choices=("cosine", "linear", "none"), default=D["decay"],
