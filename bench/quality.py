@@ -13,7 +13,7 @@ For every real set (``bench/quality_data.py``: public tables shipped inside pack
    categorical columns as ``categorical_features``) on the same raw columns and the same split.
 
 Then the embedded generator: ``python etl/run.py --synthetic-rows N`` (the README's first command; 2M rows
-by default) and DLRM for ``--epochs``, against the generator's oracle AUC (``schema.json``'s
+by default) and DLRM for ``--synthetic-epochs`` (1, as the README's ``python train/fit.py``), against the generator's oracle AUC (``schema.json``'s
 ``synthetic.oracle.valid_auc``).
 
 Metrics are on the validation split: AUC for binary sets, RMSE (in the label's units) for regression.
@@ -31,7 +31,7 @@ Goals (issue #17), evaluated per set in the JSON (``goals``) and printed under t
 Usage:
     python bench/quality.py                                        # all sets, 3 models, 10 epochs, 2M generated rows
     python bench/quality.py --sets fair,diamonds --models tabular --no-synthetic
-    python bench/quality.py --fit-arg=--numeric-embedding=ple --json /tmp/ple.json   # a flag on every run
+    python bench/quality.py --fit-arg=--numeric-embedding=none --json /tmp/raw.json  # a flag on every run
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-rows", type=int, default=None, help="sample at most this many rows of each real set")
     p.add_argument("--synthetic-rows", type=int, default=2_000_000,
                    help="rows of the embedded generator (default 2,000,000: etl/run.py's default)")
-    p.add_argument("--synthetic-epochs", type=int, default=None,
-                   help="epochs of the embedded generator's DLRM run (default: --epochs)")
+    p.add_argument("--synthetic-epochs", type=int, default=1,
+                   help="epochs of the embedded generator's DLRM run (default 1: the README's `python train/fit.py`)")
     p.add_argument("--no-synthetic", action="store_true", help="skip the embedded generator's DLRM run")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, of every run and of HGB (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per fit.py run (default: torch's)")
@@ -87,8 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra argument for every fit.py run (repeatable; e.g. --fit-arg=--dropout=0.1)")
     add_output_args(p, "quality")
     a = p.parse_args(argv)
-    if a.synthetic_epochs is None:
-        a.synthetic_epochs = a.epochs
     if (a.epochs < 1 or a.synthetic_epochs < 1 or not 0 < a.valid_fraction < 1
             or (a.max_rows is not None and a.max_rows < 20)):
         p.error("--epochs and --synthetic-epochs must be >= 1, --valid-fraction in (0, 1), --max-rows >= 20")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN
+from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, NUMERIC_DIM
 from ctrflow.models.embedding import SparseArch
 from ctrflow.models.embedding_part import HasEmbeddingPart, build_embedding, stack_slots
 from ctrflow.models.features import as_features
@@ -95,6 +95,9 @@ class OverArch(nn.Module):
         return self.model(x)
 
 
+NUMERIC_INPUTS = ("mlp", "slots")  # where DLRM puts a numeric embedding (see DLRM's numeric_input)
+
+
 class DLRM(HasEmbeddingPart):
     """Deep Learning Recommendation Model, returning logits [B, 1].
 
@@ -112,9 +115,15 @@ class DLRM(HasEmbeddingPart):
             must be ``embedding_dim``; ``cardinalities`` is then ignored. Without it: as before.
         dropout: dropout after every hidden layer of the bottom and top MLPs (not after the bottom's
             output, the dense vector of the interaction); 0 (default): none, and no Dropout modules.
-        numeric: a numeric embedding's ``config`` (:func:`~ctrflow.models.numeric.numeric_config`, of dim
-            ``embedding_dim``): each continuous column also becomes one more sparse slot of the interaction
-            (held as ``numeric``). None (default): as before.
+        numeric: a numeric embedding's ``config`` (:func:`~ctrflow.models.numeric.numeric_config`), held as
+            ``numeric``. None (default): none, the bottom MLP reads the raw columns.
+        numeric_input: where the numeric embedding goes. ``"mlp"``: its [B, n_cont, d] output, flattened,
+            joins the raw columns as the bottom MLP's input (n_cont * (1 + d) features; any d); ``"slots"``:
+            each column becomes one more sparse slot of the interaction (d must be ``embedding_dim``; the
+            Gram matrix grows from (F+1)^2 to (F+1+n_cont)^2, ~1.5x the step time on the embedded data).
+            ``from_schema`` builds ``"mlp"`` (valid AUC 0.77443 vs 0.77407 for slots on the embedded data,
+            bench/RESULTS.md "Numeric embeddings by default"); ``"slots"``, the constructor's default, is what
+            configs saved before ``numeric_input`` existed meant.
 
     The embedding part (:func:`~ctrflow.models.embedding_part.build_embedding`) is held as
     ``sparse_arch`` (plain tables) or ``features`` (per-feature options): :attr:`embedding_part`.
@@ -132,8 +141,12 @@ class DLRM(HasEmbeddingPart):
         features: Any = None,
         dropout: float = 0.0,
         numeric: dict[str, Any] | None = None,
+        numeric_input: str = "slots",
     ) -> None:
         super().__init__()
+        if numeric_input not in NUMERIC_INPUTS:
+            raise ValueError(f"numeric_input must be one of {NUMERIC_INPUTS}, got {numeric_input!r}")
+        slots = numeric is not None and numeric_input == "slots"
         dense_sizes = [int(x) for x in dense_arch_layer_sizes]
         over_sizes = [int(x) for x in over_arch_layer_sizes]
         if n_cont < 1:
@@ -156,15 +169,22 @@ class DLRM(HasEmbeddingPart):
             "embedding_dim": int(embedding_dim), "dense_arch_layer_sizes": dense_sizes,
             "over_arch_layer_sizes": over_sizes, "sparse": sparse, "init": init,
             **({"dropout": float(dropout)} if dropout else {}), **part.config,
+            **({"numeric_input": numeric_input} if numeric is not None else {}),
         }
         self.n_cat = part.num_columns
         self.n_cont = int(n_cont)
         self.set_embedding_part(part)
-        self.dense_arch = DenseArch(n_cont, dense_sizes, dropout)
-        self.inter_arch = InteractionArch(part.num_slots + (self.n_cont if numeric is not None else 0))
+        self.numeric_slots = slots
+        numeric_width = 0
+        if numeric is not None and not slots:
+            with torch.device("meta"):  # its width only; the weights are drawn last, below
+                numeric_width = self.n_cont * build_numeric(numeric, self.n_cont).out_features
+        self.dense_arch = DenseArch(n_cont + numeric_width, dense_sizes, dropout)
+        self.inter_arch = InteractionArch(part.num_slots + (self.n_cont if slots else 0))
         self.over_arch = OverArch(embedding_dim + self.inter_arch.out_features_extra, over_sizes, dropout)
-        # Made last: the tables and the dense arch draw the same initial weights as without it.
-        self.numeric = build_numeric(numeric, self.n_cont, dim=int(embedding_dim))  # [B, n_cont] -> [B, n_cont, D]
+        # Made last: the tables and the MLPs draw the same initial weights as without it (as slots).
+        # [B, n_cont] -> [B, n_cont, d]
+        self.numeric = build_numeric(numeric, self.n_cont, dim=int(embedding_dim) if slots else None)
         if self.numeric is not None:
             self.config["numeric"] = self.numeric.config  # the same dict: see PLE._load_from_state_dict
 
@@ -177,6 +197,7 @@ class DLRM(HasEmbeddingPart):
         over_arch_layer_sizes: Sequence[int] = (*HIDDEN, 1),
         numeric_embedding: str | None = None,
         numeric_dim: int | None = None,
+        numeric_input: str = "mlp",
         **kwargs: Any,
     ) -> DLRM:
         """Build from a processed dataset's schema (a :class:`Schema`, its path, or the dataset dir).
@@ -187,8 +208,9 @@ class DLRM(HasEmbeddingPart):
         ``features=`` a :class:`~ctrflow.models.features.FeatureConfig` (or its dict / file path) sets
         per-feature options (shared tables, list features); see :mod:`ctrflow.models.features`.
         ``numeric_embedding="ple"`` (edges: the schema's quantiles; ``ValueError`` without them) or
-        ``"periodic"`` embeds each continuous column as one more sparse slot (``numeric_dim``: must be
-        ``embedding_dim``, the default); see :mod:`ctrflow.models.numeric`.
+        ``"periodic"`` embeds each continuous column (see :mod:`ctrflow.models.numeric`): into the bottom MLP's
+        input (``numeric_input="mlp"``; ``numeric_dim`` per column, default :data:`NUMERIC_DIM`) or as one more
+        sparse slot each (``"slots"``; ``numeric_dim`` must be ``embedding_dim``, the default there).
         """
         if isinstance(schema, (str, os.PathLike)):
             schema = as_schema(schema)
@@ -198,11 +220,14 @@ class DLRM(HasEmbeddingPart):
         sizes = embedding_sizes(schema, dim=embedding_dim)
         n_cont = len(as_schema(schema).continuous)
         dense = list(dense_arch_layer_sizes) if dense_arch_layer_sizes else [*HIDDEN, embedding_dim]
-        if numeric_dim is not None and numeric_dim != embedding_dim:
-            raise ValueError(f"DLRM's numeric embedding is one more sparse slot per column: numeric_dim must be "
+        slots = numeric_input == "slots"
+        if slots and numeric_dim is not None and numeric_dim != embedding_dim:
+            raise ValueError(f"DLRM's numeric slots are one more sparse slot per column: numeric_dim must be "
                              f"embedding_dim={embedding_dim}, got {numeric_dim}")
         if numeric_embedding is not None:
-            kwargs["numeric"] = numeric_config(numeric_embedding, schema, embedding_dim)
+            d = embedding_dim if slots else numeric_dim or NUMERIC_DIM.get(numeric_embedding, 0)
+            kwargs["numeric"] = numeric_config(numeric_embedding, schema, d)
+            kwargs["numeric_input"] = numeric_input
         return cls([c for c, _ in sizes], n_cont, embedding_dim, dense, over_arch_layer_sizes, **kwargs)
 
     @classmethod
@@ -212,8 +237,8 @@ class DLRM(HasEmbeddingPart):
                      numeric_embedding: str | None = None) -> DLRM:
         """``fit.py``'s model flags: ``layers`` the top MLP's hidden widths, ``bottom_layers`` the bottom
         MLP's before its projection to ``embedding_dim`` (every table's dim), ``dropout`` after the hidden
-        layers of both, ``numeric_embedding`` (``"ple"`` | ``"periodic"``) each continuous column as one more
-        sparse slot of dim ``embedding_dim``; None: the defaults (no numeric embedding)."""
+        layers of both, ``numeric_embedding`` (``"ple"`` | ``"periodic"``) each continuous column embedded into
+        the bottom MLP's input (d: :data:`NUMERIC_DIM`); None: the defaults (no numeric embedding)."""
         d = embedding_dim or DLRM_EMBEDDING_DIM
         return cls.from_schema(schema, embedding_dim=d, dense_arch_layer_sizes=[*(bottom_layers or HIDDEN), d],
                                over_arch_layer_sizes=[*(layers or HIDDEN), 1], features=features,
@@ -232,8 +257,11 @@ class DLRM(HasEmbeddingPart):
         and weights ``{name: [N]}`` (list features only). Returns: logits [B, 1]."""
         if continuous.dim() != 2 or continuous.shape[1] != self.n_cont:
             raise ValueError(f"expected continuous inputs of shape [B, {self.n_cont}], got {list(continuous.shape)}")
-        dense = self.dense_arch(continuous.float())
+        x = continuous.float()
+        if self.numeric is not None and not self.numeric_slots:  # [B, n_cont * (1 + d)] into the bottom MLP
+            x = torch.cat((x, self.numeric(x).flatten(1).to(x.dtype)), dim=1)
+        dense = self.dense_arch(x)
         sparse = stack_slots(self.embedding_part(categorical, lists, weights)).to(dense.dtype)  # [B, S, D]
-        if self.numeric is not None:  # one more slot per continuous column: [B, S + n_cont, D]
+        if self.numeric_slots:  # one more slot per continuous column: [B, S + n_cont, D]
             sparse = torch.cat((sparse, self.numeric(continuous).to(dense.dtype)), dim=1)
         return self.over_arch(self.inter_arch(dense, sparse))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ctrflow.etl.schema import Schema
+from ctrflow.models.defaults import NUMERIC_EMBEDDING
 from ctrflow.models.sizes import as_schema
 
 KINDS = ("ple", "periodic")
@@ -306,6 +307,24 @@ def numeric_embedding(kind: str | None, schema_or_edges: Any, dim: int, **kwargs
     return PeriodicEncoding(n_cont, dim=dim, **kwargs)
 
 
+def auto_kind(kind: str | None, schema: Any) -> str | None:
+    """``fit.py``'s ``--numeric-embedding`` resolved: ``"auto"`` is :data:`~ctrflow.models.defaults.NUMERIC_EMBEDDING`
+    when the schema has continuous columns, all with quantiles (periodic needs none), else None; ``"none"`` is None.
+
+    Args:
+        kind: ``"auto"``, ``"none"``, None or a kind of :data:`KINDS`.
+        schema: a :class:`Schema`, ``schema.json`` path, processed-dataset dir or schema dict.
+    """
+    if kind in (None, "none"):
+        return None
+    if kind != "auto":
+        return kind
+    s = as_schema(schema)
+    if not s.continuous or (NUMERIC_EMBEDDING == "ple" and any(s[c].quantiles is None for c in s.continuous)):
+        return None
+    return NUMERIC_EMBEDDING
+
+
 def numeric_config(kind: str | None, schema_or_edges: Any, dim: int | None, **kwargs: Any) -> dict[str, Any] | None:
     """The ``config`` of :func:`numeric_embedding` ``(kind, schema_or_edges, dim, **kwargs)``, what a model's
     ``numeric=`` takes, without initialising any weights (built on the meta device). None when ``kind`` is None.
@@ -340,5 +359,5 @@ def build_numeric(config: Mapping[str, Any] | None, n_cont: int, dim: int | None
     return module
 
 
-__all__ = ["ColumnLinear", "PeriodicEncoding", "PiecewiseLinearEncoding", "build_numeric", "clean_edges", "from_config",
-           "numeric_config", "numeric_embedding", "schema_edges"]
+__all__ = ["ColumnLinear", "PeriodicEncoding", "PiecewiseLinearEncoding", "auto_kind", "build_numeric", "clean_edges",
+           "from_config", "numeric_config", "numeric_embedding", "schema_edges"]

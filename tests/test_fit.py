@@ -277,7 +277,7 @@ def test_cli_defaults_are_the_config_defaults(capsys):
     import dataclasses
 
     from ctrflow.models import defaults as md
-    from ctrflow.train.config import EMBEDDING_LR, LR, TrainConfig
+    from ctrflow.train.config import EMBEDDING_LR, LR, ROW_WARMUP, TrainConfig
     from ctrflow.train.fit import parse_args
 
     a = parse_args([])
@@ -291,6 +291,8 @@ def test_cli_defaults_are_the_config_defaults(capsys):
     assert a.layers == a.bottom_layers == list(md.HIDDEN)
     built = TrainConfig()  # lr / embedding_lr by rule: the values fit.py trains with
     assert built.lr == LR[a.optimizer] and built.embedding_lr == EMBEDDING_LR[a.optimizer]
+    assert a.embedding_row_warmup is None and built.embedding_row_warmup == ROW_WARMUP  # lazy Adam tables only
+    assert TrainConfig(optimizer="adagrad").embedding_row_warmup == 0
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -366,6 +368,29 @@ def test_regularisation_flags_reach_the_optimizers(data, tmp_path):
     assert state["config"]["train"]["grad_clip"] == 0.5
     assert main(["--data", str(data), "--out", str(tmp_path / "bad"), "--grad-clip", "-1", "--no-loader-bench",
                  *FAST]) == 2
+
+
+def test_row_warmup_flag_reaches_the_tables_and_checkpoints_its_counts(data, tmp_path):
+    import torch
+
+    from ctrflow.train.config import ROW_WARMUP
+
+    def tables(run):
+        state = torch.load(run / "checkpoints" / "ckpt-00000002.pt", weights_only=True)
+        return state["optimizers"][1]
+
+    assert main(["--data", str(data), "--out", str(tmp_path / "d"), "--max-steps", "2", "--no-loader-bench",
+                 *FAST]) == 0
+    default = tables(tmp_path / "d")
+    assert default["param_groups"][0]["row_warmup"] == ROW_WARMUP > 0
+    seen = [v["row_seen"] for v in default["state"].values()]
+    assert seen and all(int(s.sum()) > 0 for s in seen)  # each table's lookups, kept for a resumed run
+    assert main(["--data", str(data), "--out", str(tmp_path / "o"), "--max-steps", "2", "--no-loader-bench",
+                 "--embedding-row-warmup", "0", *FAST]) == 0
+    off = tables(tmp_path / "o")
+    assert off["param_groups"][0]["row_warmup"] == 0 and all("row_seen" not in v for v in off["state"].values())
+    for bad in (["--embedding-row-warmup", "-1"], ["--embedding-row-warmup", "8", "--optimizer", "adagrad"]):
+        assert main(["--data", str(data), "--out", str(tmp_path / "bad"), "--no-loader-bench", *bad, *FAST]) == 2
 
 
 def test_dropout_flag_reaches_the_model(data, tmp_path):

@@ -22,8 +22,8 @@ from ctrflow.etl.run import main as etl_main
 from ctrflow.etl.schema import ColumnSchema, Schema
 from ctrflow.loader.loader import Loader
 from ctrflow.models import DLRM, DCNv2, TabularModel
-from ctrflow.models.defaults import NUMERIC_DIM
-from ctrflow.models.numeric import NO_QUANTILES, clean_edges, numeric_config
+from ctrflow.models.defaults import NUMERIC_DIM, NUMERIC_EMBEDDING
+from ctrflow.models.numeric import NO_QUANTILES, auto_kind, clean_edges, numeric_config
 from ctrflow.models.protocol import MODELS
 from ctrflow.serve.predictor import Predictor
 from ctrflow.train.fit import main as fit_main
@@ -60,7 +60,7 @@ def _build(name: str, kind: str | None, schema: Schema | None = None):
 def test_model_with_numeric_embedding_shapes_rebuild_and_gradients(name, kind):
     model = _build(name, kind)
     cat, cont = _batch()
-    d = 4 if name == "dlrm" else NUMERIC_DIM[kind]  # DLRM: one more slot of the embedding dim per column
+    d = NUMERIC_DIM[kind]
     assert model.numeric(cont).shape == (6, N_CONT, d)
     assert model.config["numeric"]["kind"] == kind and model.config["numeric"]["dim"] == d
     if kind == "ple":  # the schema's quantiles, cleaned, travel in the config (and as buffers)
@@ -84,12 +84,25 @@ def test_model_with_numeric_embedding_shapes_rebuild_and_gradients(name, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_where_the_embedding_goes_in_each_model(kind):
     cat, cont = _batch()
-    dlrm = _build("dlrm", kind)
-    assert dlrm.inter_arch.F == len(CARDS) + N_CONT  # one more sparse slot per continuous column
-    assert dlrm.dense_arch.model[0].in_features == N_CONT  # the dense arch still reads the raw columns
-    assert dlrm.over_arch.model[0].in_features == 4 + (len(CARDS) + N_CONT) * (len(CARDS) + N_CONT + 1) // 2
-
     d = NUMERIC_DIM[kind]
+    dlrm = _build("dlrm", kind)  # into the bottom MLP, beside the raw columns; the interaction as without it
+    assert dlrm.config["numeric_input"] == "mlp" and not dlrm.numeric_slots
+    assert dlrm.inter_arch.F == len(CARDS) and dlrm.dense_arch.model[0].in_features == N_CONT * (1 + d)
+    assert dlrm.over_arch.model[0].in_features == 4 + len(CARDS) * (len(CARDS) + 1) // 2
+    seen = []
+    dlrm.dense_arch.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    dlrm.eval()(cat, cont)
+    torch.testing.assert_close(seen[0], torch.cat((cont, dlrm.numeric(cont).flatten(1)), dim=1))
+
+    torch.manual_seed(0)  # as slots: one more sparse slot of the embedding dim per continuous column
+    slots = DLRM.from_schema(_schema(), embedding_dim=4, dense_arch_layer_sizes=[4, 4], numeric_embedding=kind,
+                             numeric_input="slots")
+    assert slots.inter_arch.F == len(CARDS) + N_CONT and slots.dense_arch.model[0].in_features == N_CONT
+    assert slots.over_arch.model[0].in_features == 4 + (len(CARDS) + N_CONT) * (len(CARDS) + N_CONT + 1) // 2
+    assert slots.numeric(cont).shape == (6, N_CONT, 4) and slots(cat, cont).shape == (6, 1)
+    legacy = {k: v for k, v in slots.config.items() if k != "numeric_input"}  # saved before numeric_input
+    assert type(slots)(**json.loads(json.dumps(legacy))).numeric_slots
+
     tab = _build("tabular", kind)
     assert tab.bn_cont is None and tab.layers[0].in_features == tab.n_emb + N_CONT * d
     dcn = _build("dcn", kind)
@@ -106,8 +119,11 @@ def test_numeric_dim_and_mismatches():
     assert TabularModel.from_schema(s, numeric_embedding="ple", numeric_dim=3).numeric(_batch()[1]).shape[-1] == 3
     assert DCNv2.from_schema(s, numeric_embedding="periodic", numeric_dim=5).config["numeric"]["dim"] == 5
     assert DLRM.from_schema(s, embedding_dim=8, numeric_embedding="ple", numeric_dim=8).numeric.out_features == 8
+    assert DLRM.from_schema(s, embedding_dim=8, numeric_embedding="ple", numeric_dim=4).numeric.out_features == 4
     with pytest.raises(ValueError, match="numeric_dim must be embedding_dim=8"):
-        DLRM.from_schema(s, embedding_dim=8, numeric_embedding="ple", numeric_dim=4)
+        DLRM.from_schema(s, embedding_dim=8, numeric_embedding="ple", numeric_dim=4, numeric_input="slots")
+    with pytest.raises(ValueError, match="numeric_input must be one of"):
+        DLRM(CARDS, N_CONT, 4, [4], [1], numeric=numeric_config("ple", s, 4), numeric_input="bottom")
     with pytest.raises(ValueError, match="the model's embedding dim"):
         DLRM(CARDS, N_CONT, 4, [4], [1], numeric=numeric_config("periodic", N_CONT, 6))
     with pytest.raises(ValueError, match="embeds 3 continuous columns, the model has 4"):
@@ -190,12 +206,17 @@ def test_bf16_autocast_on_cpu():
             assert model.numeric.linear.weight.grad is not None
 
 
-def test_flag():
-    assert parse_args([]).numeric_embedding is None
+def test_flag_and_its_auto_default():
+    assert parse_args([]).numeric_embedding == "auto"
     assert parse_args(["--numeric-embedding", "ple"]).numeric_embedding == "ple"
     assert parse_args(["--numeric-embedding", "periodic", "--model", "tabular"]).numeric_embedding == "periodic"
+    assert parse_args(["--numeric-embedding", "none"]).numeric_embedding == "none"
     with pytest.raises(UsageError, match="invalid choice"):
-        parse_args(["--numeric-embedding", "none"])
+        parse_args(["--numeric-embedding", "bins"])
+    assert auto_kind("auto", _schema()) == NUMERIC_EMBEDDING == "ple"  # every continuous column has quantiles
+    assert auto_kind("auto", _schema(quantiles=False)) is None  # a dataset written before quantiles: raw columns
+    assert auto_kind("none", _schema()) is None and auto_kind(None, _schema()) is None
+    assert auto_kind("periodic", _schema(quantiles=False)) == "periodic"
 
 
 # ---- train/fit.py end to end ---------------------------------------------------------------------------------
@@ -247,3 +268,7 @@ def test_fit_refuses_ple_on_a_dataset_without_quantiles(data, tmp_path, capsys):
     assert err.startswith("error: ") and "\n" not in err and "rerun etl/run.py" in err, err
     assert NO_QUANTILES.split("{")[0] in err
     assert not (tmp_path / "run").exists()  # refused before anything is written
+    # the default (auto) trains on such a dataset with the raw columns, and says so
+    assert fit_main(["--data", str(old), "--out", str(tmp_path / "auto"), *FIT]) == 0
+    assert "numeric embedding: none (the dataset records no quantiles" in capsys.readouterr().err
+    assert "numeric" not in json.loads((tmp_path / "auto" / "config.json").read_text())["model"]

@@ -173,7 +173,8 @@ def test_a_large_batch_run_on_small_data_stays_finite(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", [{"epochs": 0}, {"grad_accum": 0}, {"batch_size": 0}, {"patience": 0},
                                  {"max_steps": 0}, {"stop_after": 0}, {"select": "f1"}, {"task": "multiclass"},
-                                 {"grad_clip": -1.0}])
+                                 {"grad_clip": -1.0}, {"embedding_row_warmup": -1.0},
+                                 {"embedding_row_warmup": 8.0, "optimizer": "adagrad"}])
 def test_train_config_refuses_nonsense(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)

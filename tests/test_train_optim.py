@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ctrflow.models import DLRM, FusedEmbedding
-from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, build_optimizers, lr_factor, unique_rows
+from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, build_optimizers, unique_rows
+from ctrflow.train.schedule import lr_factor
 
 
 def _grads(steps: int = 3, rows: int = 40, dim: int = 4):
@@ -106,3 +107,51 @@ def test_lazy_adam_row_steps_bias_corrects_per_row():
 
     torch.testing.assert_close(run(True), torch.tensor([-0.1, 0.1]))  # a fresh Adam's first step: lr
     torch.testing.assert_close(run(False), torch.tensor([-0.1347, 0.1347]), atol=1e-4, rtol=0)  # global step
+
+
+@pytest.mark.parametrize("coalesced", [False, True])
+def test_lazy_adam_row_warmup_scales_each_row_by_its_lookups(coalesced):
+    """Each touched row moves n / (n + W) of the plain lazy Adam step, n its lookups so far (this batch's too)."""
+    from ctrflow.train.optim import set_row_counts
+
+    batches = [torch.tensor([0, 0, 0, 2]), torch.tensor([0, 2, 2, 7])]
+    warm = 2.0
+    seen = torch.zeros(10)
+    w_plain, w_warm = nn.Parameter(torch.zeros(10, 3)), nn.Parameter(torch.zeros(10, 3))
+    plain = LazyAdam([w_plain], lr=0.1, row_steps=True)
+    warmed = LazyAdam([w_warm], lr=0.1, row_steps=True, row_warmup=warm)
+    g = torch.Generator().manual_seed(0)
+    for idx in batches:
+        val = torch.randn(idx.numel(), 3, generator=g)
+        before_plain, before_warm = w_plain.detach().clone(), w_warm.detach().clone()
+        for p in (w_plain, w_warm):
+            sp = torch.sparse_coo_tensor(idx[None], val, (10, 3), check_invariants=True)
+            if coalesced:  # the torchrun exchange's form: one entry per row, counts handed over beside it
+                sp = sp.coalesce()
+                p.grad = sp
+                set_row_counts(p, torch.bincount(idx, minlength=10)[sp.indices()[0]].float())
+            else:
+                p.grad = sp
+        plain.step()
+        warmed.step()
+        seen += torch.bincount(idx, minlength=10).float()
+        for r in idx.unique().tolist():
+            share = seen[r] / (seen[r] + warm)
+            torch.testing.assert_close(w_warm[r] - before_warm[r], share * (w_plain[r] - before_plain[r]))
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[[0, 2, 7]] = False
+    assert torch.count_nonzero(w_warm.detach()[untouched]) == 0
+    assert warmed.state[w_warm]["row_seen"].tolist()[:3] == [4, 0, 3]
+
+
+def test_lazy_adam_row_warmup_off_is_plain_lazy_adam_and_rejects_negatives():
+    w0 = torch.randn(40, 4)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    oa, ob = LazyAdam([a], lr=0.05, row_steps=True), LazyAdam([b], lr=0.05, row_steps=True, row_warmup=0.0)
+    for sp, _ in _grads():
+        a.grad, b.grad = sp, sp.clone()
+        oa.step()
+        ob.step()
+    assert torch.equal(a, b) and "row_seen" not in ob.state[b]
+    with pytest.raises(ValueError, match="row_warmup"):
+        LazyAdam([a], row_warmup=-1.0)

@@ -28,7 +28,7 @@ _LAZY = {
     "RowWiseAdagrad": "ctrflow.train.optim",
     "SparseSGD": "ctrflow.train.optim",
     "build_optimizers": "ctrflow.train.optim",
-    "lr_factor": "ctrflow.train.optim",
+    "lr_factor": "ctrflow.train.schedule",
     "TrainConfig": "ctrflow.train.config",
     "TrainingError": "ctrflow.train.config",
     "Trainer": "ctrflow.train.trainer",

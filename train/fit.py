@@ -68,12 +68,21 @@ def _check_dataset(path: str):
 
 
 def build_model(a: argparse.Namespace, schema: Any, features: Any = None):
-    """The model the arguments describe, sized from the dataset's schema (``features``: a FeatureConfig)."""
+    """The model the arguments describe, sized from the dataset's schema (``features``: a FeatureConfig).
+    ``--numeric-embedding auto`` is resolved here (:func:`ctrflow.models.numeric.auto_kind`)."""
+    from ctrflow.models.numeric import auto_kind
     from ctrflow.models.protocol import MODELS
+    from ctrflow.train import ddp
 
+    numeric = auto_kind(getattr(a, "numeric_embedding", None), schema)
+    if getattr(a, "numeric_embedding", None) == "auto" and ddp.is_main():
+        why = ("--numeric-embedding none for the raw columns only" if numeric else
+               "the dataset records no quantiles: rerun etl/run.py to get them" if schema.continuous else
+               "no continuous columns")
+        print(f"numeric embedding: {numeric or 'none'} ({why})", file=sys.stderr, flush=True)
     return MODELS[a.model].from_options(schema, layers=a.layers, bottom_layers=a.bottom_layers,
                                         embedding_dim=a.embedding_dim, features=features, dropout=a.dropout,
-                                        numeric_embedding=getattr(a, "numeric_embedding", None))
+                                        numeric_embedding=numeric)
 
 def _feature_config(a: argparse.Namespace):
     """``--features FILE`` loaded (None without it); :class:`UsageError` when the file is bad."""
@@ -270,6 +279,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         lr=a.lr, embedding_lr=a.embedding_lr, embedding_optimizer=a.embedding_optimizer,
         batch_scaling=not a.no_batch_scaling, world_size=ddp.world_size(), select=a.select, patience=a.patience,
         target=_target(a, schema) if a.task == "regression" else None,
+        embedding_row_warmup=a.embedding_row_warmup,
         weight_decay=a.weight_decay, embedding_l2=a.embedding_l2, grad_clip=a.grad_clip,
         warmup_steps=a.warmup, decay=a.decay, min_lr_factor=a.min_lr_factor, epochs=a.epochs,
         max_steps=a.max_steps, stop_after=a.stop_after, grad_accum=a.grad_accum, micro_batch=a.micro_batch,

@@ -7,9 +7,9 @@ import argparse
 import dataclasses
 
 from ctrflow.etl.cli_help import DefaultsHelpFormatter, usage_name
-from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, NUMERIC_DIM, TABULAR_MAX_DIM
+from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, NUMERIC_DIM, NUMERIC_EMBEDDING, TABULAR_MAX_DIM
 from ctrflow.models.protocol import MODELS
-from ctrflow.train.config import EMBEDDING_LR, LR, OPTIMIZERS, TrainConfig
+from ctrflow.train.config import EMBEDDING_LR, LR, OPTIMIZERS, ROW_WARMUP, TrainConfig
 from ctrflow.train.micro import AUTO_ROWS
 
 # Every default below is TrainConfig's or ctrflow.models.defaults' (tests/test_fit.py checks it).
@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embedding-l2", type=float, default=None,
                    help="L2 on the embedding rows each batch touches, row-sparse (default: the batch rule's, "
                         "0 at batch <= 512)")
+    p.add_argument("--embedding-row-warmup", type=float, default=None, metavar="LOOKUPS",
+                   help=f"lazy Adam tables: a row's step is n / (n + LOOKUPS) of Adam's, n its lookups so far, so "
+                        f"ids seen a few times stay near their start (0: off; default: {ROW_WARMUP:g} for the adam "
+                        f"embedding optimizer, 0 for the others)")
     p.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
                    help="clip the global L2 norm of the MLPs' gradient to NORM before each step (0: never; "
                         "default: the batch rule's, 0 at batch <= 512)")
@@ -107,12 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features", default=None, metavar="FILE",
                    help="TOML/JSON embedding options per feature: dims, shared tables, list features and their "
                         "combiners, initialisers (see ctrflow.models.features; default: none)")
-    p.add_argument("--numeric-embedding", choices=tuple(NUMERIC_DIM), default=None,
+    p.add_argument("--numeric-embedding", choices=("auto", "none", *NUMERIC_DIM), default="auto",
                    help="embed each continuous column (Gorishniy et al. 2022; ctrflow.models.numeric): ple = "
                         "piecewise-linear on the quantile bins etl/run.py records, periodic = sin/cos of trained "
-                        "frequencies; dlrm: one more interaction slot per column (dim --embedding-dim), tabular/dcn: "
-                        "replaces the raw columns (d " + ", ".join(f"{k} {v}" for k, v in NUMERIC_DIM.items())
-                        + ") (default: none, the raw columns)")
+                        "frequencies, none = the raw columns only; dlrm: joins the raw columns in the bottom MLP's "
+                        "input, tabular/dcn: replaces the raw columns (d per column: "
+                        + ", ".join(f"{k} {v}" for k, v in NUMERIC_DIM.items()) + f"); auto: {NUMERIC_EMBEDDING} when "
+                        "the dataset records quantiles, else none (default: auto)")
     p.add_argument("--device", default=D["device"], help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
     p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=("auto", "bf16", "off"),
                    help="bfloat16 autocast: auto = on CUDA only; bare --amp = bf16 on any device")
@@ -165,6 +170,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--dropout must be in [0, 1), got {a.dropout}")
     if a.weight_decay < 0 or a.embedding_l2 is not None and a.embedding_l2 < 0 or (a.grad_clip or 0) < 0:
         p.error("--weight-decay, --embedding-l2 and --grad-clip must be >= 0")
+    if (a.embedding_row_warmup or 0) < 0:
+        p.error(f"--embedding-row-warmup must be >= 0 (0: off), got {a.embedding_row_warmup}")
+    if (a.embedding_row_warmup or 0) > 0 and (a.embedding_optimizer or a.optimizer) != "adam":
+        p.error("--embedding-row-warmup applies to lazy Adam tables only: add --embedding-optimizer adam or drop it")
     if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:
         p.error("learning rates must be > 0")
     return a

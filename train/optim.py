@@ -97,21 +97,25 @@ def row_counts(p: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
 class _RowOptimizer(torch.optim.Optimizer):
     """Base of the row-sparse optimizers: merges duplicate rows of a sparse gradient."""
 
-    def _rows(self, p: torch.Tensor, group: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Deduplicated ``(row ids [U], summed row gradients [U, ...])``; ``(None, grad)`` when dense.
+    def _rows(self, p: torch.Tensor, group: dict | None = None,
+              need_counts: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Deduplicated ``(row ids [U], summed row gradients [U, ...], lookups [U] or None)``; ``(None, grad,
+        None)`` when the gradient is dense.
 
         With ``group`` holding ``clip`` (CowClip's ratio r > 0) and / or ``l2`` (> 0), the rows'
-        gradients are regularised and clipped here (:meth:`_regularise`), on the touched rows only.
+        gradients are regularised and clipped here (:meth:`_regularise`), on the touched rows only. The
+        lookups of each row in the batch are returned when ``need_counts`` (else None).
         """
         grad = p.grad
         if not grad.is_sparse:
-            return None, grad
+            return None, grad, None
         idx = grad._indices()[0]
         val = grad._values()
         want = group is not None and (group.get("clip", 0) > 0 or group.get("l2", 0) > 0)
         if grad.is_coalesced():
-            counts = row_counts(p, idx.numel(), val) if want else None
-            return (idx, self._regularise(p, idx, val, counts, group)) if want else (idx, val)
+            counts = row_counts(p, idx.numel(), val) if want or need_counts else None
+            g = self._regularise(p, idx, val, counts, group) if want else val
+            return idx, g, counts if need_counts else None
         # Scratch space (4 bytes per row, not checkpointed) for unique_rows; int32 positions.
         scratch = self.__dict__.setdefault("_scratch", {})
         dtype = torch.int32 if idx.numel() < 2**31 else torch.int64
@@ -121,11 +125,12 @@ class _RowOptimizer(torch.optim.Optimizer):
         uniq, inv = unique_rows(idx, buf)
         summed = torch.zeros((uniq.numel(), *val.shape[1:]), dtype=val.dtype, device=val.device)
         summed.index_add_(0, inv, val)
-        if not want:
-            return uniq, summed
+        if not want and not need_counts:
+            return uniq, summed, None
         counts = torch.zeros(uniq.numel(), dtype=val.dtype, device=val.device)
         counts.index_add_(0, inv, torch.ones_like(inv, dtype=val.dtype))  # lookups of each row in the batch
-        return uniq, self._regularise(p, uniq, summed, counts, group)
+        g = self._regularise(p, uniq, summed, counts, group) if want else summed
+        return uniq, g, counts if need_counts else None
 
     @staticmethod
     def _regularise(p: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, counts: torch.Tensor,
@@ -193,7 +198,7 @@ class RowWiseAdagrad(_RowOptimizer):
                 if not state:
                     state["sum"] = torch.full((p.shape[0],), group["initial_accumulator_value"],
                                               dtype=torch.float32, device=p.device)
-                rows, g = self._rows(p, group)
+                rows, g, _ = self._rows(p, group)
                 g2 = g.float().pow(2)
                 g2 = g2.mean(dim=1) if g2.dim() > 1 else g2
                 if rows is None:
@@ -219,15 +224,23 @@ class LazyAdam(_RowOptimizer):
         clip, clip_floor, l2: CowClip ratio and floor, and L2 weight, on the touched rows of a sparse
             gradient (0: off; see :mod:`ctrflow.train.scaling`).
         clip_rows: rows the loss averages over (B; 1: a summed loss); :func:`set_step_rows` updates it.
+        row_warmup: a row's step is scaled by ``n / (n + row_warmup)``, ``n`` the lookups of the row so far
+            (this batch's included; 4 bytes per row): a row seen a few times moves a little, one seen
+            ``row_warmup`` times half its full step, a frequent one the full step. Adam's step is ~``lr``
+            whatever the gradient's size, so without it an id seen once jumps by ~``lr`` per element
+            toward that one label; this shrinks rare ids toward their initial values the way a prior would
+            (0: off). Counted in lookups, not steps, so it means the same at any batch size.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, row_steps: bool = False, clip: float = 0.0, clip_floor: float = 0.0,
-                 l2: float = 0.0, clip_rows: float = 1.0) -> None:
+                 l2: float = 0.0, clip_rows: float = 1.0, row_warmup: float = 0.0) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if row_warmup < 0:
+            raise ValueError(f"row_warmup must be >= 0, got {row_warmup}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "row_steps": row_steps,
-                                  **_row_options(clip, clip_floor, l2, clip_rows)})
+                                  "row_warmup": float(row_warmup), **_row_options(clip, clip_floor, l2, clip_rows)})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -245,7 +258,8 @@ class LazyAdam(_RowOptimizer):
                 state["step"] += 1
                 t = state["step"]
                 step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
-                rows, g = self._rows(p, group)
+                warm = group.get("row_warmup", 0.0)
+                rows, g, counts = self._rows(p, group, need_counts=warm > 0)
                 m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
                 if rows is None:
                     m_all.mul_(b1).add_(g, alpha=1 - b1)
@@ -263,10 +277,23 @@ class LazyAdam(_RowOptimizer):
                     state["row_step"].index_copy_(0, rows, k)
                     k = k.to(m.dtype)
                     scale = (1 - b2**k).sqrt_().div_(1 - b1**k).mul_(-group["lr"])  # per-row step size
-                    p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])).mul_(scale[:, None]))
-                    continue
-                p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)
+                else:
+                    scale = torch.full((rows.numel(),), -step_size, dtype=m.dtype, device=m.device)
+                if warm > 0:
+                    scale.mul_(self._seen_share(state, p, rows, counts, warm))
+                p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])).mul_(scale.view(-1, *[1] * (m.dim() - 1))))
         return loss
+
+    @staticmethod
+    def _seen_share(state: dict, p: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+                    warm: float) -> torch.Tensor:
+        """``n / (n + warm)`` [U] for the touched rows, ``n`` their lookups so far (this batch's added)."""
+        if "row_seen" not in state:
+            state["row_seen"] = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
+        n = state["row_seen"].index_select(0, rows).add_(counts.to(torch.int32))
+        state["row_seen"].index_copy_(0, rows, n)
+        n = n.to(torch.float32)
+        return n.div_(n + warm)
 
 
 class SparseSGD(_RowOptimizer):
@@ -297,7 +324,7 @@ class SparseSGD(_RowOptimizer):
                     continue
                 g = p.grad
                 if g.is_sparse and regularised:
-                    rows, g = self._rows(p, group)
+                    rows, g, _ = self._rows(p, group)
                     p.index_add_(0, rows, g.to(p.dtype), alpha=-group["lr"])
                 elif g.is_sparse:
                     p.index_add_(0, g._indices()[0], g._values().to(p.dtype), alpha=-group["lr"])
@@ -317,6 +344,7 @@ def build_optimizers(
     embedding_l2: float = 0.0,
     embedding_clip: float = 0.0,
     rows_per_step: int = 1,
+    row_warmup: float = 0.0,
 ) -> list[torch.optim.Optimizer]:
     """The trainer's default optimizers: one for sparse embedding weights, one for the rest.
 
@@ -335,6 +363,7 @@ def build_optimizers(
             :func:`ctrflow.train.scaling.clip_floor` of the rows' width.
         rows_per_step: rows the (mean) loss of a step averages over, CowClip's B (1: a summed loss); the
             trainer updates it every step (:func:`set_step_rows`).
+        row_warmup: lazy Adam only: each row's per-row warm-up in lookups (see :class:`LazyAdam`).
 
     Returns:
         A list of one or two optimizers (those with no parameters are left out).
@@ -365,30 +394,7 @@ def build_optimizers(
         rows = {"clip": embedding_clip, "clip_floor": clip_floor(width) if embedding_clip else 0.0,
                 "l2": embedding_l2, "clip_rows": rows_per_step}
         if emb_name == "adam":
-            out.append(LazyAdam(sparse, lr=elr, row_steps=row_steps, **rows))
+            out.append(LazyAdam(sparse, lr=elr, row_steps=row_steps, row_warmup=row_warmup, **rows))
         else:
             out.append({"adagrad": RowWiseAdagrad, "sgd": SparseSGD}[emb_name](sparse, lr=elr, **rows))
     return out
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay: str = "cosine",
-              min_factor: float = 0.0) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then decay.
-
-    Args:
-        step: optimizer steps taken so far.
-        total_steps: steps of the whole run (the decay reaches ``min_factor`` there).
-        warmup_steps: linear ramp from ``1 / warmup_steps`` to 1.
-        decay: ``cosine``, ``linear`` or ``none``.
-        min_factor: floor of the decay.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if decay == "none" or total_steps <= warmup_steps:
-        return 1.0
-    frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if decay == "linear":
-        return min_factor + (1 - min_factor) * (1 - frac)
-    if decay == "cosine":
-        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
-    raise ValueError(f"unknown decay {decay!r}; choose cosine, linear or none")

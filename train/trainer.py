@@ -36,10 +36,11 @@ from ctrflow.train.config import TrainConfig, TrainingError, resolve_device
 from ctrflow.train.evaluation import Evaluating
 from ctrflow.train.hooks import call_hook
 from ctrflow.train.micro import SparseGradients, micro_batch_rows, split_batch
-from ctrflow.train.optim import build_optimizers, lr_factor, set_step_rows
+from ctrflow.train.optim import build_optimizers, set_step_rows
 from ctrflow.train.plot import plot_history
 from ctrflow.train.progress import JsonlTracker, ProgressBar, tensorboard_tracker
 from ctrflow.train.resumable import Resumable
+from ctrflow.train.schedule import lr_factor
 from ctrflow.train.selection import BestTracker, default_metric
 from ctrflow.train.target import regression_loss
 
@@ -69,7 +70,8 @@ class Trainer(Resumable, Evaluating):
         else:
             opts = build_optimizers(model, self.cfg.optimizer, self.cfg.lr, self.cfg.embedding_lr,
                                     self.cfg.weight_decay, self.cfg.embedding_optimizer, self.cfg.row_steps,
-                                    self.cfg.embedding_l2, self.cfg.embedding_clip)
+                                    self.cfg.embedding_l2, self.cfg.embedding_clip,
+                                    row_warmup=self.cfg.embedding_row_warmup)
             self.optimizers = opts
         for opt in self.optimizers:
             for g in opt.param_groups:
