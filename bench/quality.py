@@ -13,8 +13,8 @@ For every real set (``bench/quality_data.py``: public tables shipped inside pack
    categorical columns as ``categorical_features``) on the same raw columns and the same split.
 
 Then the embedded generator: ``python etl/run.py --synthetic-rows N`` (the README's first command; 2M rows
-by default) and DLRM for ``--synthetic-epochs`` (1, as the README's ``python train/fit.py``), against the generator's oracle AUC (``schema.json``'s
-``synthetic.oracle.valid_auc``).
+by default) and DLRM for ``--synthetic-epochs`` (1, as the README's ``python train/fit.py``), against the
+generator's oracle AUC (``schema.json``'s ``synthetic.oracle.valid_auc``).
 
 Metrics are on the validation split: AUC for binary sets, RMSE (in the label's units) for regression.
 fit.py selects its best epoch on that same split, so "best" carries a small optimistic bias (one pick out
