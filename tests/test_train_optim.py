@@ -155,3 +155,23 @@ def test_lazy_adam_row_warmup_off_is_plain_lazy_adam_and_rejects_negatives():
     assert torch.equal(a, b) and "row_seen" not in ob.state[b]
     with pytest.raises(ValueError, match="row_warmup"):
         LazyAdam([a], row_warmup=-1.0)
+
+
+def test_lazy_adam_row_warmup_counts_saturate_instead_of_wrapping():
+    w_plain, w_warm = nn.Parameter(torch.zeros(4, 2)), nn.Parameter(torch.zeros(4, 2))
+    plain = LazyAdam([w_plain], lr=0.1, row_steps=True)
+    warmed = LazyAdam([w_warm], lr=0.1, row_steps=True, row_warmup=16.0)
+    for p in (w_plain, w_warm):
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1]]), torch.tensor([[1.0, -2.0], [0.5, 0.5]]), (4, 2),
+                                         check_invariants=True)
+    plain.step()
+    warmed.step()
+    warmed.state[w_warm]["row_seen"][1] = 2**30 - 1  # a null id after a billion lookups: held there, never wraps
+    for p in (w_plain, w_warm):
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1]]), torch.tensor([[1.0, -2.0], [0.5, 0.5]]), (4, 2),
+                                         check_invariants=True)
+    before_plain, before_warm = w_plain.detach().clone(), w_warm.detach().clone()
+    plain.step()
+    warmed.step()
+    assert warmed.state[w_warm]["row_seen"][1] == 2**30
+    torch.testing.assert_close(w_warm[1] - before_warm[1], w_plain[1] - before_plain[1])  # the full step

@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embedding-row-warmup", type=float, default=None, metavar="LOOKUPS",
                    help=f"lazy Adam tables: a row's step is n / (n + LOOKUPS) of Adam's, n its lookups so far, so "
                         f"ids seen a few times stay near their start (0: off; default: {ROW_WARMUP:g} for the adam "
-                        f"embedding optimizer, 0 for the others)")
+                        f"embedding optimizer, 0 for the others; not with --sharded-embeddings, whose tables torchrec "
+                        f"updates)")
     p.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
                    help="clip the global L2 norm of the MLPs' gradient to NORM before each step (0: never; "
                         "default: the batch rule's, 0 at batch <= 512)")

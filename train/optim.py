@@ -224,12 +224,11 @@ class LazyAdam(_RowOptimizer):
         clip, clip_floor, l2: CowClip ratio and floor, and L2 weight, on the touched rows of a sparse
             gradient (0: off; see :mod:`ctrflow.train.scaling`).
         clip_rows: rows the loss averages over (B; 1: a summed loss); :func:`set_step_rows` updates it.
-        row_warmup: a row's step is scaled by ``n / (n + row_warmup)``, ``n`` the lookups of the row so far
-            (this batch's included; 4 bytes per row): a row seen a few times moves a little, one seen
-            ``row_warmup`` times half its full step, a frequent one the full step. Adam's step is ~``lr``
-            whatever the gradient's size, so without it an id seen once jumps by ~``lr`` per element
-            toward that one label; this shrinks rare ids toward their initial values the way a prior would
-            (0: off). Counted in lookups, not steps, so it means the same at any batch size.
+        row_warmup: a row's step is scaled by ``n / (n + row_warmup)``, ``n`` the row's lookups so far (this
+            batch's included; 4 bytes per row): seen ``row_warmup`` times, half its step. Adam's step is ~``lr``
+            whatever the gradient's size, so without it an id seen once jumps by ~``lr`` per element toward
+            its one label; this keeps rare ids near their start as a prior would (0: off). Counted in lookups,
+            not steps: the same at any batch size. Sparse gradients only (a dense one takes Adam's step).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -290,7 +289,8 @@ class LazyAdam(_RowOptimizer):
         """``n / (n + warm)`` [U] for the touched rows, ``n`` their lookups so far (this batch's added)."""
         if "row_seen" not in state:
             state["row_seen"] = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
-        n = state["row_seen"].index_select(0, rows).add_(counts.to(torch.int32))
+        # Saturates at 2^30 (the share is then 1 to float precision): a null id can be looked up billions of times.
+        n = state["row_seen"].index_select(0, rows).add_(counts.to(torch.int32)).clamp_(max=1 << 30)
         state["row_seen"].index_copy_(0, rows, n)
         n = n.to(torch.float32)
         return n.div_(n + warm)
