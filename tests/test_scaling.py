@@ -11,7 +11,16 @@ import torch
 from ctrflow.train.clip import clip_dense_gradients
 from ctrflow.train.config import EMBEDDING_LR, LR, TrainConfig
 from ctrflow.train.optim import LazyAdam, RowWiseAdagrad, SparseSGD, set_step_rows
-from ctrflow.train.scaling import GRAD_CLIP, batch_scaling, clip_floor, embedding_l2
+from ctrflow.train.scaling import (
+    FULL_RULE_STEPS,
+    GRAD_CLIP,
+    NO_RULE_STEPS,
+    BatchScaling,
+    batch_scaling,
+    clip_floor,
+    embedding_l2,
+    step_strength,
+)
 
 
 @pytest.mark.parametrize("batch", [1, 128, 512])
@@ -66,6 +75,36 @@ def test_train_config_applies_the_rule_to_defaults_only():
     base = TrainConfig()
     assert (base.lr, base.embedding_l2, base.embedding_clip, base.warmup_steps, base.grad_clip) == (
         LR["adam"], 0.0, 0.0, 0.05, 0.0)
+
+
+def test_a_long_run_takes_less_of_the_rule_and_none_from_no_rule_steps():
+    assert step_strength(None) == step_strength(1) == step_strength(FULL_RULE_STEPS) == 1.0
+    assert step_strength(NO_RULE_STEPS) == step_strength(10**7) == 0.0
+    between = [step_strength(s) for s in range(FULL_RULE_STEPS, NO_RULE_STEPS + 1, 7)]
+    assert all(a > b for a, b in zip(between, between[1:], strict=False))  # strictly falling in between
+    assert step_strength(300) == pytest.approx(0.5)  # linear in log steps: the geometric middle is half
+    # A long run at a large batch gets exactly the batch-512 defaults; a short one the rule in full.
+    assert batch_scaling(65536, steps=NO_RULE_STEPS) == BatchScaling(128.0, 1.0, 1.0, 0.0, 0.0, 0.0, strength=0.0)
+    assert batch_scaling(400_000, steps=102) == batch_scaling(400_000)  # 102 steps: all of it
+    full = batch_scaling(65536)
+    # Half the rule at 300 steps: the factors of sqrt(128) x, so no MLP clip, no boost and no L2 (those start at 16x).
+    half = batch_scaling(65536, steps=300)
+    assert half.lr_factor == pytest.approx(128**0.25) and half.embedding_l2 == 0.0 and half.grad_clip == 0.0
+    assert half.clip_ratio == 1.0 and 0.05 < half.warmup_share < full.warmup_share
+    # Continuous in the run's length: the dense lr factor moves little between neighbouring step counts.
+    lrs = [batch_scaling(65536, steps=s).lr_factor for s in range(100, 700)]
+    assert max(a / b for a, b in zip(lrs, lrs[1:], strict=False)) < 1.03 and lrs[0] > 20 and lrs[-1] == 1.0
+
+
+def test_train_config_fades_the_rule_with_the_runs_steps():
+    long = TrainConfig(batch_size=65536, run_steps=618)
+    assert (long.lr, long.embedding_l2, long.embedding_clip, long.warmup_steps, long.grad_clip) == (
+        LR["adam"], 0.0, 0.0, 0.05, 0.0)
+    short, unknown = TrainConfig(batch_size=65536, run_steps=110), TrainConfig(batch_size=65536)
+    assert (short.lr, short.embedding_l2, short.grad_clip) == (unknown.lr, unknown.embedding_l2, unknown.grad_clip)
+    assert TrainConfig(batch_size=65536, run_steps=618, lr=0.01).lr == 0.01  # explicit values still win
+    with pytest.raises(ValueError, match="run_steps"):
+        TrainConfig(run_steps=0)
 
 
 def _dense_cowclip(w, ids, grads, r, floor, l2, rows=1):
@@ -226,3 +265,15 @@ def test_the_trainer_clips_the_dense_step():
 
     assert float(dense_step(0.0)) > 1.0  # SGD, lr 1: the step is the gradient, far above the limit
     assert float(dense_step(0.25)) == pytest.approx(0.25, rel=1e-4)
+
+
+@pytest.mark.parametrize("steps, says", [
+    (100, "lr 0.02263, embedding lr 0.05"), (300, "(50% of the rule: it fades out by 600 steps)"),
+    (700, "no scaling, the batch-512 defaults")])
+def test_fit_says_how_much_of_the_rule_a_run_gets(steps, says, capsys):
+    from ctrflow.train.fit import _say_scaling
+
+    _say_scaling(TrainConfig(batch_size=65536, run_steps=steps))
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"batch scaling: 65,536 rows per step = 128.0x batch 512, {steps:,} steps")
+    assert len(line.splitlines()) == 1 and says in line

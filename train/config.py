@@ -45,6 +45,8 @@ class TrainConfig:
             (``batch_size * grad_accum * world_size``): it sets the defaults of ``lr``,
             ``embedding_lr``, ``embedding_l2``, ``embedding_clip`` and ``grad_clip`` and lengthens a shared warm-up;
             values given explicitly are kept. Off: the batch-512 defaults at any batch.
+        run_steps: optimizer steps of the whole run, when known before training (fit.py passes them): the batch
+            rule fades out for long runs (:func:`ctrflow.train.scaling.step_strength`; None: the rule in full).
         embedding_row_warmup: lazy Adam's per-row warm-up in lookups (:class:`ctrflow.train.optim.LazyAdam`'s
             ``row_warmup``; None: :data:`ROW_WARMUP` for lazy Adam tables, 0 for the other embedding optimizers).
         embedding_l2, embedding_clip: L2 weight on the embedding rows a batch touches and CowClip's
@@ -89,6 +91,7 @@ class TrainConfig:
     embedding_row_warmup: float | None = None
     weight_decay: float = 0.0
     batch_scaling: bool = True
+    run_steps: int | None = None
     embedding_l2: float | None = None
     embedding_clip: float | None = None
     grad_clip: float | None = None
@@ -135,7 +138,9 @@ class TrainConfig:
         for name in ("max_steps", "stop_after"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        rule = batch_scaling(self.rows_per_step if self.batch_scaling else 1)
+        if self.run_steps is not None and self.run_steps < 1:
+            raise ValueError(f"run_steps must be >= 1 (or None: unknown), got {self.run_steps}")
+        rule = batch_scaling(self.rows_per_step if self.batch_scaling else 1, steps=self.run_steps)
         if self.lr is None:
             self.lr = LR[self.optimizer] * rule.lr_factor
         if self.embedding_lr is None:

@@ -157,15 +157,23 @@ def _check_steps(a: argparse.Namespace, batches: int, rows: int) -> None:
 
 
 def _say_scaling(cfg: Any) -> None:
-    """One line on what the batch rule set, when it set anything."""
-    from ctrflow.train.scaling import REFERENCE_BATCH
+    """One line on what the batch rule set, when the batch is past the reference (stderr)."""
+    from ctrflow.train.scaling import NO_RULE_STEPS, REFERENCE_BATCH, batch_scaling
 
-    if cfg.batch_scaling and cfg.rows_per_step > REFERENCE_BATCH:
-        print(f"batch scaling: {cfg.rows_per_step:,} rows per step = {cfg.rows_per_step / REFERENCE_BATCH:.1f}x "
-              f"batch {REFERENCE_BATCH}: lr {cfg.lr:.4g}, embedding lr {cfg.embedding_lr:.4g}, warm-up "
-              f"{cfg.warmup_steps:.3g}, embedding L2 {cfg.embedding_l2:.3g}, CowClip r={cfg.embedding_clip:g}"
-              f"{f', MLP gradient norm <= {cfg.grad_clip:g}' if cfg.grad_clip else ''} "
-              "(--no-batch-scaling: off)", file=sys.stderr, flush=True)
+    if not cfg.batch_scaling or cfg.rows_per_step <= REFERENCE_BATCH:
+        return
+    head = (f"batch scaling: {cfg.rows_per_step:,} rows per step = {cfg.rows_per_step / REFERENCE_BATCH:.1f}x "
+            f"batch {REFERENCE_BATCH}, {f'{cfg.run_steps:,}' if cfg.run_steps else '?'} steps")
+    strength = batch_scaling(cfg.rows_per_step, steps=cfg.run_steps).strength
+    if strength == 0:
+        print(f"{head}: no scaling, the batch-{REFERENCE_BATCH} defaults (a run of >= {NO_RULE_STEPS} steps learns "
+              "better with them)", file=sys.stderr, flush=True)
+        return
+    share = "" if strength == 1 else f" ({strength:.0%} of the rule: it fades out by {NO_RULE_STEPS} steps)"
+    print(f"{head}{share}: lr {cfg.lr:.4g}, embedding lr {cfg.embedding_lr:.4g}, warm-up "
+          f"{cfg.warmup_steps:.3g}, embedding L2 {cfg.embedding_l2:.3g}, CowClip r={cfg.embedding_clip:g}"
+          f"{f', MLP gradient norm <= {cfg.grad_clip:g}' if cfg.grad_clip else ''} "
+          "(--no-batch-scaling: off)", file=sys.stderr, flush=True)
 
 
 def _check_finite(data: str, schema: Any) -> None:
@@ -277,7 +285,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     cfg = TrainConfig(
         task=a.task, batch_size=a.batch_size, valid_batch_size=a.valid_batch_size, optimizer=a.optimizer,
         lr=a.lr, embedding_lr=a.embedding_lr, embedding_optimizer=a.embedding_optimizer,
-        batch_scaling=not a.no_batch_scaling, world_size=ddp.world_size(), select=a.select, patience=a.patience,
+        batch_scaling=not a.no_batch_scaling, run_steps=_run_steps(a, batches), world_size=ddp.world_size(),
+        select=a.select, patience=a.patience,
         target=_target(a, schema) if a.task == "regression" else None,
         embedding_row_warmup=a.embedding_row_warmup,
         weight_decay=a.weight_decay, embedding_l2=a.embedding_l2, grad_clip=a.grad_clip,

@@ -24,6 +24,11 @@ ctrflow's row-sparse optimizers (:mod:`ctrflow.train.optim`) apply the clipping 
 a batch touched only (O(rows touched), never a pass over the table). At or below the reference batch
 the rule changes nothing, so the tuned defaults stay exactly as they were. ``TrainConfig(batch_scaling=
 False)`` / ``fit.py --no-batch-scaling`` turns it off for comparison.
+
+The rule answers a lack of optimizer steps, not the batch as such: when the run's length is known
+(``steps``, fit.py passes it), the rule is applied in full up to :data:`FULL_RULE_STEPS` steps and fades
+out by :data:`NO_RULE_STEPS` (:func:`step_strength`): a run with that many steps gets the batch-512
+defaults at any batch, because there they measured better than the rule (see the constants).
 """
 
 from __future__ import annotations
@@ -61,6 +66,15 @@ MAX_SCALE = 128.0
 # At 40.5M rows the same change moved AUC by only +0.0002 (65536, 618 steps) and +0.0001 (400000, 102 steps)
 # (RESULTS "The bench at full size, all six runs"): it matters where data, not only steps, is short.
 GRAD_CLIP = 0.05
+# How long a run must be for the batch-512 defaults to need no help. On 40.5M rows at batch 65536 (k = 128, 618
+# steps) the defaults gave 0.77534 valid AUC and the rule 0.77477; no single part of the rule explained the gap
+# (dense lr 11.3x or 4x without the MLP clip: 0.77472 / 0.77465; the base warm-up: 0.77474; without CowClip:
+# 0.77427). With fewer steps the rule gained: +0.0058 at 102 steps (400,000 rows, same data), +0.0069 at 55
+# steps and +0.0008 at 440 (k = 16), both on 3.6M rows (bench/RESULTS.md "Large batches (#16)" and "A rule
+# that looks at the run's length"). So the rule holds in full up to FULL_RULE_STEPS and fades out, linearly in
+# log steps, by NO_RULE_STEPS.
+FULL_RULE_STEPS = 150
+NO_RULE_STEPS = 600
 GRAD_CLIP_FROM_SCALE = 16.0
 DENSE_LR_BOOST = 2.0
 
@@ -78,6 +92,8 @@ class BatchScaling:
         clip_ratio: CowClip's ``r`` (0: no clipping, at or below the reference).
         warmup_share: the least share of the run spent warming the learning rates up.
         grad_clip: largest global L2 norm of the MLPs' gradient per step (0: no clipping).
+        strength: the share of the rule the run's length called for (:func:`step_strength`; 1: all of it):
+            the factors are those of ``min(k, MAX_SCALE) ** strength``.
     """
 
     k: float
@@ -87,27 +103,32 @@ class BatchScaling:
     clip_ratio: float
     warmup_share: float
     grad_clip: float = 0.0
+    strength: float = 1.0
 
 
-def batch_scaling(batch_size: int, reference: int = REFERENCE_BATCH) -> BatchScaling:
+def batch_scaling(batch_size: int, reference: int = REFERENCE_BATCH, steps: int | None = None) -> BatchScaling:
     """The scaling rule's values for ``batch_size`` rows per optimizer step.
 
     Args:
         batch_size: rows per optimizer step (the batch times gradient accumulation, times ranks).
         reference: the batch size the defaults were tuned at.
+        steps: optimizer steps of the whole run (None: unknown, the rule in full); from
+            :data:`NO_RULE_STEPS` on the rule is the identity (:func:`step_strength`).
 
     Returns:
         A :class:`BatchScaling`; the identity (factors 1, no L2, no clipping, no extra warm-up) when
-        ``batch_size <= reference``.
+        ``batch_size <= reference`` or the run is long enough.
     """
     if batch_size < 1 or reference < 1:
         raise ValueError(f"batch sizes must be >= 1, got {batch_size} and reference {reference}")
     k = max(1.0, batch_size / reference)
-    if k == 1.0:
-        return BatchScaling(1.0, 1.0, 1.0, 0.0, 0.0, 0.0)
+    strength = step_strength(steps)
+    # Beyond MAX_SCALE, the range the rule was verified in, its values are held; a long run takes less of it.
+    kk = min(k, MAX_SCALE) ** strength
+    if kk <= 1.0:
+        return BatchScaling(k, 1.0, 1.0, 0.0, 0.0, 0.0, strength=strength)
     # Warm-up: CowClip warms the dense rate up over one epoch at every large batch; here the share of
-    # the run grows with log2(k) (0.05 at 2x, ~0.2 at 400000 rows) and stays <= MAX_WARMUP_SHARE.
-    kk = min(k, MAX_SCALE)  # beyond the range the rule was verified in, hold its values
+    # the run grows with log2(k) (0.05 at 2x, ~0.16 at 128x) and stays <= MAX_WARMUP_SHARE.
     warmup = min(MAX_WARMUP_SHARE, 0.05 + 0.015 * math.log2(kk))
     return BatchScaling(
         k=k,
@@ -117,7 +138,18 @@ def batch_scaling(batch_size: int, reference: int = REFERENCE_BATCH) -> BatchSca
         clip_ratio=CLIP_RATIO,
         warmup_share=warmup,
         grad_clip=GRAD_CLIP if kk > GRAD_CLIP_FROM_SCALE else 0.0,
+        strength=strength,
     )
+
+
+def step_strength(steps: int | None) -> float:
+    """The share of the rule a run of ``steps`` optimizer steps takes: 1 up to :data:`FULL_RULE_STEPS`, 0 from
+    :data:`NO_RULE_STEPS` on, linear in ``log(steps)`` between (None: 1)."""
+    if steps is None or steps <= FULL_RULE_STEPS:
+        return 1.0
+    if steps >= NO_RULE_STEPS:
+        return 0.0
+    return math.log(NO_RULE_STEPS / steps) / math.log(NO_RULE_STEPS / FULL_RULE_STEPS)
 
 
 def embedding_l2(k: float) -> float:
