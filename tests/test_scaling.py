@@ -19,6 +19,7 @@ from ctrflow.train.scaling import (
     batch_scaling,
     clip_floor,
     embedding_l2,
+    row_warmup_factor,
     step_strength,
 )
 
@@ -277,3 +278,15 @@ def test_fit_says_how_much_of_the_rule_a_run_gets(steps, says, capsys):
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"batch scaling: 65,536 rows per step = 128.0x batch 512, {steps:,} steps")
     assert len(line.splitlines()) == 1 and says in line
+
+
+def test_the_row_warmup_fades_as_the_rule_comes_in():
+    ks = [1, 2, 16, 64, 128, 781]
+    f = [row_warmup_factor(min(k, 128)) for k in ks]
+    assert f[0] == 1.0 and f[-1] == f[-2] == 0.0 and all(a > b for a, b in zip(f[:-1], f[1:-1], strict=False))
+    assert row_warmup_factor(16) == pytest.approx(3 / 7)  # linear in log k: 16x is 4/7 of the way to 128x
+    # TrainConfig: the lazy Adam tables' default follows the rule; an explicit value and other optimizers stay.
+    assert TrainConfig(batch_size=400_000, run_steps=102).embedding_row_warmup == 0.0
+    assert TrainConfig(batch_size=65536, run_steps=618).embedding_row_warmup == TrainConfig().embedding_row_warmup == 16
+    assert TrainConfig(batch_size=400_000, run_steps=102, embedding_row_warmup=4.0).embedding_row_warmup == 4.0
+    assert TrainConfig(batch_size=4096, optimizer="adagrad").embedding_row_warmup == 0.0

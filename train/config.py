@@ -147,7 +147,7 @@ class TrainConfig:
             self.embedding_lr = EMBEDDING_LR[self.embedding_optimizer or self.optimizer] * rule.embedding_lr_factor
         lazy_adam = (self.embedding_optimizer or self.optimizer) == "adam"
         if self.embedding_row_warmup is None:
-            self.embedding_row_warmup = ROW_WARMUP if lazy_adam else 0.0
+            self.embedding_row_warmup = ROW_WARMUP * rule.row_warmup_factor if lazy_adam else 0.0
         if self.embedding_row_warmup < 0:
             raise ValueError(f"embedding_row_warmup must be >= 0 (0: off), got {self.embedding_row_warmup}")
         if self.embedding_row_warmup > 0 and not lazy_adam:

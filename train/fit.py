@@ -171,7 +171,8 @@ def _say_scaling(cfg: Any) -> None:
         return
     share = "" if strength == 1 else f" ({strength:.0%} of the rule: it fades out by {NO_RULE_STEPS} steps)"
     print(f"{head}{share}: lr {cfg.lr:.4g}, embedding lr {cfg.embedding_lr:.4g}, warm-up "
-          f"{cfg.warmup_steps:.3g}, embedding L2 {cfg.embedding_l2:.3g}, CowClip r={cfg.embedding_clip:g}"
+          f"{cfg.warmup_steps:.3g}, embedding L2 {cfg.embedding_l2:.3g}, CowClip r={cfg.embedding_clip:g}, row warm-up "
+          f"{cfg.embedding_row_warmup:.3g}"
           f"{f', MLP gradient norm <= {cfg.grad_clip:g}' if cfg.grad_clip else ''} "
           "(--no-batch-scaling: off)", file=sys.stderr, flush=True)
 

@@ -75,6 +75,10 @@ GRAD_CLIP = 0.05
 # log steps, by NO_RULE_STEPS.
 FULL_RULE_STEPS = 150
 NO_RULE_STEPS = 600
+# Lazy Adam's per-row warm-up (n / (n + W) of a row's step, n its lookups so far) is a prior for long runs: at
+# 400,000 rows (102 steps, the full rule) W = 256 gave 0.77151, the default W = 16 0.77364 and W = 0 0.77400
+# (bench/RESULTS.md "A rule that looks at the run's length"). So the rule takes it down with log k, to 0 at
+# MAX_SCALE (:func:`row_warmup_factor`).
 GRAD_CLIP_FROM_SCALE = 16.0
 DENSE_LR_BOOST = 2.0
 
@@ -92,6 +96,8 @@ class BatchScaling:
         clip_ratio: CowClip's ``r`` (0: no clipping, at or below the reference).
         warmup_share: the least share of the run spent warming the learning rates up.
         grad_clip: largest global L2 norm of the MLPs' gradient per step (0: no clipping).
+        row_warmup_factor: multiplier of lazy Adam's per-row warm-up (:data:`ctrflow.train.config.ROW_WARMUP`):
+            1 at the reference, falling linearly in ``log k`` to 0 at ``MAX_SCALE`` (:func:`row_warmup_factor`).
         strength: the share of the rule the run's length called for (:func:`step_strength`; 1: all of it):
             the factors are those of ``min(k, MAX_SCALE) ** strength``.
     """
@@ -103,6 +109,7 @@ class BatchScaling:
     clip_ratio: float
     warmup_share: float
     grad_clip: float = 0.0
+    row_warmup_factor: float = 1.0
     strength: float = 1.0
 
 
@@ -138,8 +145,16 @@ def batch_scaling(batch_size: int, reference: int = REFERENCE_BATCH, steps: int 
         clip_ratio=CLIP_RATIO,
         warmup_share=warmup,
         grad_clip=GRAD_CLIP if kk > GRAD_CLIP_FROM_SCALE else 0.0,
+        row_warmup_factor=row_warmup_factor(kk),
         strength=strength,
     )
+
+
+def row_warmup_factor(k: float) -> float:
+    """The share of lazy Adam's per-row warm-up the rule keeps at ``k`` (k already capped and faded): 1 at 1x,
+    0 at ``MAX_SCALE``, linear in ``log k`` between. In a run of ~100 large steps every row has few updates, and
+    damping them costs more than the prior gains (measured: the comment beside ``NO_RULE_STEPS``)."""
+    return max(0.0, 1.0 - math.log(max(k, 1.0)) / math.log(MAX_SCALE))
 
 
 def step_strength(steps: int | None) -> float:
