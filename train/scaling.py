@@ -28,7 +28,9 @@ False)`` / ``fit.py --no-batch-scaling`` turns it off for comparison.
 The rule answers a lack of optimizer steps, not the batch as such: when the run's length is known
 (``steps``, fit.py passes it), the rule is applied in full up to :data:`FULL_RULE_STEPS` steps and fades
 out by :data:`NO_RULE_STEPS` (:func:`step_strength`): a run with that many steps gets the batch-512
-defaults at any batch, because there they measured better than the rule (see the constants).
+defaults at any batch, because there they measured better than the rule (see the constants). Lazy Adam's
+per-row warm-up (:data:`ctrflow.train.config.ROW_WARMUP`) goes down as the rule comes in, to none at
+:data:`MAX_SCALE` (:func:`row_warmup_factor`): a run of ~100 large steps cannot spare its rows' few updates.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ MAX_SCALE = 128.0
 # At 40.5M rows the same change moved AUC by only +0.0002 (65536, 618 steps) and +0.0001 (400000, 102 steps)
 # (RESULTS "The bench at full size, all six runs"): it matters where data, not only steps, is short.
 GRAD_CLIP = 0.05
+GRAD_CLIP_FROM_SCALE = 16.0
+DENSE_LR_BOOST = 2.0
 # How long a run must be for the batch-512 defaults to need no help. On 40.5M rows at batch 65536 (k = 128, 618
 # steps) the defaults gave 0.77534 valid AUC and the rule 0.77477; no single part of the rule explained the gap
 # (dense lr 11.3x or 4x without the MLP clip: 0.77472 / 0.77465; the base warm-up: 0.77474; without CowClip:
@@ -79,8 +83,6 @@ NO_RULE_STEPS = 600
 # 400,000 rows (102 steps, the full rule) W = 256 gave 0.77151, the default W = 16 0.77364 and W = 0 0.77400
 # (bench/RESULTS.md "A rule that looks at the run's length"). So the rule takes it down with log k, to 0 at
 # MAX_SCALE (:func:`row_warmup_factor`).
-GRAD_CLIP_FROM_SCALE = 16.0
-DENSE_LR_BOOST = 2.0
 
 
 @dataclass(frozen=True)
