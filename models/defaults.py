@@ -14,7 +14,7 @@ DLRM_EMBEDDING_DIM = 16
 TABULAR_MAX_DIM = 64
 DCN_CROSS_LAYERS = 3  # DCN-v2's cross layers
 # d per column of a numeric embedding (ctrflow.models.numeric, fit.py --numeric-embedding) in every model (DLRM's
-# as slots of its interaction: its embedding dim); periodic: PeriodicEncoding's default (rtdl_num_embeddings').
+# legacy "slots" layout uses its embedding dim instead); periodic: PeriodicEncoding's default (rtdl_num_embeddings').
 NUMERIC_DIM: dict[str, int] = {"ple": 16, "periodic": 24}
 # fit.py's --numeric-embedding auto: this kind whenever the dataset records quantiles for every continuous column.
 # With it (and the row warm-up) all 12 model / real-set runs of bench/quality.py and the embedded data's DLRM did

@@ -43,12 +43,14 @@ class TrainConfig:
             :data:`LR` / :data:`EMBEDDING_LR` of the (embedding) optimizer, scaled by the batch rule.
         batch_scaling: apply :func:`ctrflow.train.scaling.batch_scaling` for the rows per optimizer step
             (``batch_size * grad_accum * world_size``): it sets the defaults of ``lr``,
-            ``embedding_lr``, ``embedding_l2``, ``embedding_clip`` and ``grad_clip`` and lengthens a shared warm-up;
+            ``embedding_lr``, ``embedding_l2``, ``embedding_clip``, ``grad_clip`` and ``embedding_row_warmup`` and
+            lengthens a shared warm-up;
             values given explicitly are kept. Off: the batch-512 defaults at any batch.
         run_steps: optimizer steps of the whole run, when known before training (fit.py passes them): the batch
             rule fades out for long runs (:func:`ctrflow.train.scaling.step_strength`; None: the rule in full).
         embedding_row_warmup: lazy Adam's per-row warm-up in lookups (:class:`ctrflow.train.optim.LazyAdam`'s
-            ``row_warmup``; None: :data:`ROW_WARMUP` for lazy Adam tables, 0 for the other embedding optimizers).
+            ``row_warmup``; None: :data:`ROW_WARMUP` for lazy Adam tables, times the batch rule's
+            ``row_warmup_factor``, and 0 for the other embedding optimizers).
         embedding_l2, embedding_clip: L2 weight on the embedding rows a batch touches and CowClip's
             ratio (None: by the batch rule, 0 at or below batch 512).
         grad_clip: largest global L2 norm of the dense (non-embedding) parameters' gradient before each

@@ -158,13 +158,13 @@ def _check_steps(a: argparse.Namespace, batches: int, rows: int) -> None:
 
 def _say_scaling(cfg: Any) -> None:
     """One line on what the batch rule set, when the batch is past the reference (stderr)."""
-    from ctrflow.train.scaling import NO_RULE_STEPS, REFERENCE_BATCH, batch_scaling
+    from ctrflow.train.scaling import NO_RULE_STEPS, REFERENCE_BATCH, step_strength
 
     if not cfg.batch_scaling or cfg.rows_per_step <= REFERENCE_BATCH:
         return
     head = (f"batch scaling: {cfg.rows_per_step:,} rows per step = {cfg.rows_per_step / REFERENCE_BATCH:.1f}x "
             f"batch {REFERENCE_BATCH}, {f'{cfg.run_steps:,}' if cfg.run_steps else '?'} steps")
-    strength = batch_scaling(cfg.rows_per_step, steps=cfg.run_steps).strength
+    strength = step_strength(cfg.run_steps)
     if strength == 0:
         print(f"{head}: no scaling, the batch-{REFERENCE_BATCH} defaults (a run of >= {NO_RULE_STEPS} steps learns "
               "better with them)", file=sys.stderr, flush=True)
