@@ -1,6 +1,6 @@
 """Data-parallel training: ``torchrun --nproc_per_node=2 train/fit.py`` on the CPU (Gloo).
 
-Each torchrun job runs a small driver (written below) that calls ``ctrflow.train.fit.main`` and dumps,
+Each torchrun job runs a small driver (written below) that calls ``ctrflow.train.fit.cli`` and dumps,
 per rank, the validation predictions it scored and a hash of its weights. Every subprocess has a
 timeout, so a rank waiting forever on another fails the test instead of hanging CI.
 """
@@ -32,7 +32,7 @@ DRIVER = textwrap.dedent('''
     import json, os, sys, hashlib
     import torch
     from ctrflow.train import metrics, trainer
-    from ctrflow.train.fit import main
+    from ctrflow.train.fit import cli
 
     dump, argv = sys.argv[1], sys.argv[2:]
     rank = int(os.environ.get("RANK", 0))
@@ -60,7 +60,7 @@ DRIVER = textwrap.dedent('''
         return out
 
     trainer.Trainer.fit = recording_fit
-    sys.exit(main(argv))
+    cli(argv)  # as train/fit.py's __main__ does
 ''')
 
 
@@ -433,3 +433,30 @@ def test_rescale_position(saved, now, bie, expect):
 def test_rescale_position_keeps_accumulation_boundaries():
     # grad_accum 4: the mapped position is rounded down to a whole optimizer step
     assert rescale_position(10, 0, 40, 1, 3, 20, 4) == (3, 12)
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_exit_process_leaves_a_rank_without_finalizing(tmp_path, joined):
+    """A rank that joined a process group leaves by ``os._exit``: the interpreter's finalization, where
+    Gloo's leftover worker threads abort the process, never runs; atexit handlers and flushing still do,
+    and the exit code is kept. A single process exits normally (finalizers run)."""
+    script = tmp_path / "leave.py"
+    script.write_text(textwrap.dedent(f"""
+        import atexit, sys
+        from ctrflow.train import ddp
+
+        class Finalized:
+            def __del__(self):
+                sys.stderr.write("finalized")
+
+        keep = Finalized()  # a module global: collected only while the interpreter finalizes
+        atexit.register(lambda: sys.stderr.write("atexit;"))
+        ddp._joined = {joined}
+        sys.stdout.write("still buffered")
+        ddp.exit_process(3)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 3
+    assert proc.stdout == "still buffered"
+    assert proc.stderr == ("atexit;" if joined else "atexit;finalized")
+

@@ -25,10 +25,12 @@ into one buffer per dtype.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,8 @@ from torch import nn
 
 from ctrflow.models.embedding import sparse_embedding_modules
 from ctrflow.train.optim import set_row_counts
+
+_joined = False  # this process joined a process group (stays True after teardown): see exit_process
 
 
 def env_world_size() -> int:
@@ -85,7 +89,35 @@ def init(device: torch.device, timeout_s: float = 1800) -> torch.device:
     else:
         backend = "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    global _joined
+    _joined = True
     return device
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with ``code``; a rank that joined a process group skips interpreter finalization.
+
+    Why: ``DistributedDataParallel`` keeps the process group, and with it Gloo's worker threads, alive past
+    ``destroy_process_group`` (torch 2.13: a DDP wrapper, even one never called, leaves the threads
+    running). A worker that drops a finished collective after the interpreter began to finalize needs the
+    GIL to free the collective's tensors, gets ``pthread_exit`` instead, and the forced unwind aborts the
+    process (``terminate called without an active exception``, SIGABRT: a backtrace shows
+    ``AsyncBarrierWork::~AsyncBarrierWork`` -> ``decref_pyobject`` -> ``take_gil``), so torchrun fails a job
+    whose work had all finished (3 of 90 two-rank runs on a busy 2-core CPU here). Such a rank therefore runs the
+    ``atexit`` handlers, flushes its streams, and leaves with ``os._exit``; a single process exits normally.
+
+    Args:
+        code: the exit status (:func:`ctrflow.train.fit.main`'s return value).
+    """
+    if not _joined:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what a normal exit runs (loader finalizers, logging), the interpreter still whole
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more to write
+            pass
+    os._exit(code)
 
 
 def teardown() -> None:

@@ -40,13 +40,13 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ctrflow.train.fit_args import UsageError, parse_args  # noqa: E402
+from ctrflow.train.fit_args import UsageError, check_run_dir, parse_args, run_dir  # noqa: E402
 
-__all__ = ["UsageError", "build_model", "main", "parse_args", "report", "run"]
+__all__ = ["UsageError", "build_model", "cli", "main", "parse_args", "report", "run"]
 
 
 def _check_dataset(path: str):
@@ -96,17 +96,6 @@ def _feature_config(a: argparse.Namespace):
         raise UsageError(f"--features: {e}") from None
 
 
-def _run_dir(a: argparse.Namespace) -> str:
-    if isinstance(a.resume, str):
-        target = os.path.abspath(a.resume)
-        if os.path.isfile(target):  # run/checkpoints/ckpt-N.pt -> run
-            return a.out or os.path.dirname(os.path.dirname(target))
-        return a.out or target
-    if a.resume and not a.out:
-        raise UsageError("--resume needs the run directory: pass --out RUN_DIR (or --resume RUN_DIR)")
-    return a.out or os.path.join("runs", f"{a.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
 def _task(flag: str | None, schema: Any, data: str) -> str:
     """The task: what the ETL recorded in ``schema.json`` (binary when it recorded none); a ``--task`` that
     contradicts it is a :class:`UsageError` (a binary model on 1-5 ratings trains nothing useful)."""
@@ -115,26 +104,6 @@ def _task(flag: str | None, schema: Any, data: str) -> str:
         raise UsageError(f"--task {flag} contradicts {os.path.join(data, 'schema.json')}, whose label was "
                          f"processed for {recorded}: drop --task, or rerun etl/run.py with --task {flag}")
     return flag or recorded or "binary"
-
-
-def _check_run_dir(a: argparse.Namespace, out: str) -> None:
-    """Refuse a run the trainer would refuse, before ``config.json`` is written: resuming a run with no
-    checkpoint, or starting a new run in a directory that holds one."""
-    from ctrflow.train.checkpoint import CheckpointError, latest_checkpoint
-
-    ckpts = os.path.join(out, "checkpoints")
-    from ctrflow.etl.atomic import unwritable
-
-    why = unwritable(out)
-    if why:
-        raise UsageError(f"--out {out}: {why}; pass a --out you can write to")
-    if a.resume:
-        ck = a.resume if isinstance(a.resume, str) and os.path.isfile(a.resume) else None
-        if ck is None and latest_checkpoint(ckpts) is None:
-            raise CheckpointError(f"--resume: no checkpoint in {ckpts}")
-    elif latest_checkpoint(ckpts) is not None:
-        raise CheckpointError(f"{ckpts} already holds checkpoints ({os.path.basename(latest_checkpoint(ckpts))}); "
-                              "pass --resume to continue that run, or use a new --out")
 
 
 MIN_STEPS = 100  # below this many optimizer steps a CTR model trains to little better than chance
@@ -270,8 +239,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         model = build_model(a, schema, features)
     except ValueError as e:
         raise UsageError(f"the dataset's schema does not fit --model {a.model}: {e}") from None
-    out = _run_dir(a)
-    _check_run_dir(a, out)  # before anything is written: a refused run changes nothing on disk
+    out = run_dir(a)
+    check_run_dir(a, out)  # before anything is written: a refused run changes nothing on disk
     amp = {"auto": "auto", "bf16": True, "off": False}[a.amp]
     loader_device = device if device.type == "cuda" else "cpu"
     spec = getattr(model, "features", None)
@@ -383,11 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(a)
         show = ddp.is_main()
         ddp.teardown()
-    except (UsageError, SchemaError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # data that does not fit the model, bad loader input
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, SchemaError, CheckpointError, TrainingError, ValueError) as e:  # ValueError: data
+        print(f"error: {e}", file=sys.stderr)  # that does not fit the model, bad loader input
         return 2
     except KeyboardInterrupt:
         return 130
@@ -396,5 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> NoReturn:
+    """``python train/fit.py`` and the ``ctrflow-fit`` script: :func:`main`, then leave the process the
+    way :func:`ctrflow.train.ddp.exit_process` says (under torchrun it skips interpreter finalization)."""
+    from ctrflow.train import ddp
+
+    ddp.exit_process(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import time
 
 from ctrflow.etl.cli_help import DefaultsHelpFormatter, usage_name
 from ctrflow.models.defaults import DLRM_EMBEDDING_DIM, HIDDEN, NUMERIC_DIM, NUMERIC_EMBEDDING, TABULAR_MAX_DIM
@@ -178,3 +180,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.lr is not None and a.lr <= 0 or a.embedding_lr is not None and a.embedding_lr <= 0:
         p.error("learning rates must be > 0")
     return a
+
+
+def run_dir(a: argparse.Namespace) -> str:
+    """The run directory: ``--out``, else the one ``--resume`` names, else ``runs/<model>-<timestamp>``."""
+    if isinstance(a.resume, str):
+        target = os.path.abspath(a.resume)
+        if os.path.isfile(target):  # run/checkpoints/ckpt-N.pt -> run
+            return a.out or os.path.dirname(os.path.dirname(target))
+        return a.out or target
+    if a.resume and not a.out:
+        raise UsageError("--resume needs the run directory: pass --out RUN_DIR (or --resume RUN_DIR)")
+    return a.out or os.path.join("runs", f"{a.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def check_run_dir(a: argparse.Namespace, out: str) -> None:
+    """Refuse a run the trainer would refuse, before ``config.json`` is written: resuming a run with no
+    checkpoint, or starting a new run in a directory that holds one."""
+    from ctrflow.etl.atomic import unwritable
+    from ctrflow.train.checkpoint import CheckpointError, latest_checkpoint
+
+    ckpts = os.path.join(out, "checkpoints")
+    why = unwritable(out)
+    if why:
+        raise UsageError(f"--out {out}: {why}; pass a --out you can write to")
+    if a.resume:
+        ck = a.resume if isinstance(a.resume, str) and os.path.isfile(a.resume) else None
+        if ck is None and latest_checkpoint(ckpts) is None:
+            raise CheckpointError(f"--resume: no checkpoint in {ckpts}")
+    elif latest_checkpoint(ckpts) is not None:
+        raise CheckpointError(f"{ckpts} already holds checkpoints ({os.path.basename(latest_checkpoint(ckpts))}); "
+                              "pass --resume to continue that run, or use a new --out")
