@@ -253,7 +253,7 @@ def test_unequal_batch_counts_fail_fast_instead_of_hanging(tmp_path):
             Trainer(Model(), device="cpu", verbose=False).fit(TensorLoader(cat, x, y, batch_size=16))
         except ValueError as e:
             print(f"rank {ddp.rank()}: {e}")
-            sys.exit(3)
+            ddp.exit_process(3)
     '''))
     proc = _torchrun(tmp_path, 2, str(script), [])
     assert proc.returncode != 0
@@ -311,11 +311,8 @@ def test_synced_gradients_equal_the_full_batch_gradient(tmp_path):
             if not torch.allclose(p, q, atol=1e-6, rtol=1e-5):
                 bad.append(name + " after step")
         print(f"rank {rank} mismatched: {bad}")
-        # Drop DDP's reducer before the process group, as fit.py does (its trainer is gone by then):
-        # a reducer destroyed at interpreter exit, after the group, can abort the process.
-        del sync, model
         ddp.teardown()
-        sys.exit(1 if bad else 0)
+        ddp.exit_process(1 if bad else 0)  # as train/fit.py leaves a rank: see ddp.exit_process
     '''))
     proc = _torchrun(tmp_path, 2, str(script), [])
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -376,6 +373,7 @@ SHARDED_DRIVER = textwrap.dedent('''
         json.dump({"same_init": same, "steps": res["steps"], "hash": h.hexdigest(), "rows": res["valid"]["rows"],
                    "resumed": res["resumed_from"], "keys": sorted(sd), "ref_keys": sorted(ref.state_dict())}, f)
     ddp.teardown()
+    ddp.exit_process(0)
 ''')
 
 
