@@ -232,7 +232,7 @@ def test_resume_with_the_same_number_of_ranks_continues_exactly(two_rank_run, da
 def test_unequal_batch_counts_fail_fast_instead_of_hanging(tmp_path):
     script = tmp_path / "unequal.py"
     script.write_text(textwrap.dedent('''
-        import os, sys, torch
+        import torch
         from torch import nn
         from ctrflow.train import ddp
         from ctrflow.train.data import TensorLoader
@@ -265,7 +265,7 @@ def test_synced_gradients_equal_the_full_batch_gradient(tmp_path):
     the gradient of one process on all 64 rows, sparse rows included."""
     script = tmp_path / "grads.py"
     script.write_text(textwrap.dedent('''
-        import sys, torch
+        import torch
         import torch.nn.functional as F
         from ctrflow.models import DLRM
         from ctrflow.train import ddp
@@ -435,11 +435,11 @@ def test_rescale_position_keeps_accumulation_boundaries():
 
 @pytest.mark.parametrize("joined", [True, False])
 def test_exit_process_leaves_a_rank_without_finalizing(tmp_path, joined):
-    """A rank that joined a process group leaves by ``os._exit``: the interpreter's finalization, where
+    """A torchrun rank (``WORLD_SIZE > 1``) leaves by ``os._exit``: the interpreter's finalization, where
     Gloo's leftover worker threads abort the process, never runs; atexit handlers and flushing still do,
     and the exit code is kept. A single process exits normally (finalizers run)."""
     script = tmp_path / "leave.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(textwrap.dedent("""
         import atexit, sys
         from ctrflow.train import ddp
 
@@ -449,11 +449,11 @@ def test_exit_process_leaves_a_rank_without_finalizing(tmp_path, joined):
 
         keep = Finalized()  # a module global: collected only while the interpreter finalizes
         atexit.register(lambda: sys.stderr.write("atexit;"))
-        ddp._joined = {joined}
         sys.stdout.write("still buffered")
         ddp.exit_process(3)
     """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT)
+    env = {**os.environ, "WORLD_SIZE": "2" if joined else "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 3
     assert proc.stdout == "still buffered"
     assert proc.stderr == ("atexit;" if joined else "atexit;finalized")

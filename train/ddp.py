@@ -39,8 +39,6 @@ from torch import nn
 from ctrflow.models.embedding import sparse_embedding_modules
 from ctrflow.train.optim import set_row_counts
 
-_joined = False  # this process joined a process group (stays True after teardown): see exit_process
-
 
 def env_world_size() -> int:
     """``WORLD_SIZE`` from torchrun's environment (1 when not launched by torchrun)."""
@@ -89,13 +87,11 @@ def init(device: torch.device, timeout_s: float = 1800) -> torch.device:
     else:
         backend = "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    global _joined
-    _joined = True
     return device
 
 
 def exit_process(code: int) -> NoReturn:
-    """End the process with ``code``; a rank that joined a process group skips interpreter finalization.
+    """End the process with ``code``; a torchrun rank (``WORLD_SIZE > 1``) skips interpreter finalization.
 
     Why: ``DistributedDataParallel`` keeps the process group, and with it Gloo's worker threads, alive past
     ``destroy_process_group`` (torch 2.13: a DDP wrapper, even one never called, leaves the threads
@@ -109,7 +105,7 @@ def exit_process(code: int) -> NoReturn:
     Args:
         code: the exit status (:func:`ctrflow.train.fit.main`'s return value).
     """
-    if not _joined:
+    if env_world_size() <= 1:  # never joined a process group (see init)
         sys.exit(code)
     atexit._run_exitfuncs()  # what a normal exit runs (loader finalizers, logging), the interpreter still whole
     for stream in (sys.stdout, sys.stderr):
